@@ -1,0 +1,81 @@
+"""Command line: argument parsing only. Every user mistake ends as one `error: ...` line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+QUICKSTART = Path(__file__).with_name("quickstart.yaml")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alignment", description="Staged RLHF pipelines (SFT -> RM -> PPO/DPO).")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a pipeline YAML (finished, unchanged stages are skipped)")
+    run.add_argument("config")
+    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. name=exp2 stages.0.epochs=2")
+
+    validate = sub.add_parser("validate", help="report every problem in a pipeline YAML without loading a model")
+    validate.add_argument("config")
+    validate.add_argument("overrides", nargs="*")
+
+    quick = sub.add_parser("quickstart", help="run the embedded default chain on the toy model (run name `quickstart`)")
+    quick.add_argument("overrides", nargs="*")
+
+    sub.add_parser("stages", help="list stage kinds and their config fields")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alignment").setLevel(logging.INFO)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from alignment.errors import UserError
+
+    try:
+        return _dispatch(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    if args.command == "stages":
+        from rich.console import Console
+
+        from alignment.registry import describe_stages
+
+        console = Console(highlight=False)
+        for kind, doc, fields in describe_stages():
+            console.print(f"[bold]{kind}[/bold]: {doc}")
+            for name, spec in fields.items():
+                console.print(f"    {name}: {spec}")
+        return 0
+    if args.command == "validate":
+        from alignment.config import load_config
+
+        config, warnings = load_config(args.config, args.overrides)
+        for w in warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        print(f"{args.config}: ok ({len(config.stages)} stages: {' -> '.join(s.kind for s in config.stages)})")
+        return 0
+    from alignment.pipeline import Pipeline
+
+    if args.command == "quickstart":
+        Pipeline.from_yaml(QUICKSTART, args.overrides).run()
+        return 0
+    if args.command == "run":
+        Pipeline.from_yaml(args.config, args.overrides).run()
+        return 0
+    raise AssertionError(args.command)

@@ -1,0 +1,350 @@
+"""Pipeline configuration: YAML + dotted overrides -> typed, validated configs, every problem reported at once.
+
+Loading never touches a model. ``load_config`` returns the resolved :class:`PipelineConfig` (its ``stages`` are
+instances of each stage's own ``Config`` class) or raises :class:`ConfigError` listing every problem, each named by
+its dotted path (the same form as overrides: ``stages.1.learning_rate``).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from alignment.errors import ConfigError
+
+log = logging.getLogger("alignment")
+
+DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class DataSourceMarker:
+    """Marks a config field as a data source so ``validate`` can check that it exists."""
+
+
+DataSource = Annotated[str, DataSourceMarker()]
+
+
+class AdapterConfig(Strict):
+    """How the policy is trained. ``lora`` adds a named peft adapter on the shared base; ``full`` trains the base."""
+
+    method: Literal["lora", "full"] = "lora"
+    r: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class RolloutConfig(Strict):
+    """Rollout engine settings, used by online stages (PPO, GRPO, RLOO)."""
+
+    engine: Literal["auto", "vllm", "hf"] = "auto"
+    sync: Literal["auto", "lora", "merged"] = "auto"
+    memory_fraction: float = Field(0.3, gt=0.0, le=1.0)
+
+
+class LoggingConfig(Strict):
+    report_to: list[Literal["wandb"]] = Field(default_factory=list)
+    wandb_project: str = "alignment"
+    log_every: int = Field(10, ge=1)
+
+
+class StageConfig(Strict):
+    """Fields every stage has. A stage's own ``Config`` subclasses this and narrows ``kind``."""
+
+    kind: str
+    adapter: AdapterConfig | None = None  # overrides the top-level adapter for this stage
+    rollout: RolloutConfig | None = None  # overrides the top-level rollout settings for this stage
+
+    def data_sources(self) -> dict[str, str]:
+        """Field name -> data source for every field typed ``DataSource`` that is set."""
+        out = {}
+        for name, field in type(self).model_fields.items():
+            if any(isinstance(m, DataSourceMarker) for m in field.metadata) and getattr(self, name):
+                out[name] = getattr(self, name)
+        return out
+
+
+class PipelineConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    model: str = "toy"
+    seed: int = 0
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    output_dir: str = "runs"
+    trust_remote_code: bool = False
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    stages: list[Any] = Field(min_length=1)
+
+    source: str | None = Field(None, exclude=True)  # the YAML file it came from (not a config field)
+
+    def adapter_for(self, stage: StageConfig) -> AdapterConfig:
+        return stage.adapter or self.adapter
+
+    def rollout_for(self, stage: StageConfig) -> RolloutConfig:
+        return stage.rollout or self.rollout
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def stage_fingerprint(self, index: int, upstream: str) -> str:
+        """Hash of everything that determines a stage's result: its config, the shared settings, its inputs."""
+        stage = self.stages[index]
+        payload = {
+            "model": self.model,
+            "seed": self.seed,
+            "dtype": self.dtype,
+            "trust_remote_code": self.trust_remote_code,
+            "adapter": self.adapter_for(stage).model_dump(mode="json"),
+            "rollout": self.rollout_for(stage).model_dump(mode="json"),
+            "stage": stage.model_dump(mode="json", exclude={"adapter", "rollout"}),
+            "upstream": upstream,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def resolved(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[PipelineConfig, list[str]]:
+    """Read, override and validate. Returns (config, warnings); raises ConfigError with every problem."""
+    source = str(path)
+    raw = _read_yaml(Path(path))
+    return config_from_dict(raw, overrides, source=source)
+
+
+def config_from_dict(
+    raw: Any, overrides: list[str] | tuple[str, ...] = (), source: str = "<config>"
+) -> tuple[PipelineConfig, list[str]]:
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [f"the file must be a YAML mapping with `name:` and `stages:`, got {type(raw).__name__}"])
+    raw = copy.deepcopy(raw)
+    problems: list[str] = []
+    warnings: list[str] = []
+    rekinded = _apply_overrides(raw, overrides, problems)
+
+    # 1. top level (stages checked one by one below)
+    top = PipelineConfig.model_fields
+    stages_raw = raw.get("stages")
+    try:
+        config = PipelineConfig.model_validate({**raw, "stages": stages_raw if isinstance(stages_raw, list) else []})
+    except ValidationError as e:
+        problems += _pydantic_problems(e, "", top_fields=list(top))
+        config = None
+    if stages_raw is not None and not isinstance(stages_raw, list):
+        problems.append("stages: must be a list of stages, each a mapping with `kind:`")
+        stages_raw = []
+
+    # 2. every stage against its own kind's Config
+    from alignment.registry import resolve_kind
+
+    stages: list[StageConfig | None] = []
+    stage_classes = []
+    for i, item in enumerate(stages_raw or []):
+        where = f"stages.{i}"
+        if not isinstance(item, dict) or "kind" not in item:
+            problems.append(f"{where}: each stage needs a `kind:` (see `alignment stages`)")
+            stages.append(None)
+            stage_classes.append(None)
+            continue
+        try:
+            cls = resolve_kind(item["kind"])
+        except ConfigError as e:
+            problems += [f"{where}.kind: {p}" for p in e.problems]
+            stages.append(None)
+            stage_classes.append(None)
+            continue
+        if i in rekinded:
+            known = set(cls.Config.model_fields)
+            dropped = sorted(k for k in item if k not in known)
+            if dropped:
+                warnings.append(
+                    f"{where}: kind changed to {item['kind']!r}; dropped fields it does not have: {', '.join(dropped)}"
+                )
+                item = {k: v for k, v in item.items() if k in known}
+        for field, value in _raw_data_sources(cls.Config, item).items():
+            problem = check_data_source(value)
+            if problem:
+                problems.append(f"{where}.{field}: {problem}")
+        try:
+            stages.append(cls.Config.model_validate(item))
+        except ValidationError as e:
+            problems += _pydantic_problems(e, where + ".", top_fields=list(cls.Config.model_fields))
+            stages.append(None)
+        stage_classes.append(cls)
+
+    # 3. data sources and the artifact chain
+    available: dict[str, int] = {}
+    for i, (cfg, cls) in enumerate(zip(stages, stage_classes)):
+        if cfg is None:
+            continue
+        for artifact in sorted(cls.requires(cfg)):
+            if artifact not in available:
+                problems.append(
+                    f"stages.{i}.kind: a {cfg.kind!r} stage needs the `{artifact}` artifact but no earlier stage "
+                    f"produces it; add a stage that does before it (see `alignment stages`)"
+                )
+        for artifact in cls.produces(cfg):
+            available[artifact] = i
+    for i, (cfg, cls) in enumerate(zip(stages, stage_classes)):
+        if cfg is not None and hasattr(cls, "warnings"):
+            warnings += [f"stages.{i}: {w}" for w in cls.warnings(cfg, [s for s in stages[i + 1 :] if s])]
+
+    model_problem = check_model_ref(raw.get("model", "toy"))
+    if model_problem:
+        problems.append(f"model: {model_problem}")
+
+    if problems:
+        raise ConfigError(source, problems)
+    config.stages = stages
+    config.source = source
+    return config, warnings
+
+
+def _raw_data_sources(config_cls: type[StageConfig], item: dict) -> dict[str, str]:
+    """Data-source fields of a raw stage mapping, with the class defaults for those not given."""
+    out = {}
+    for name, field in config_cls.model_fields.items():
+        if any(isinstance(m, DataSourceMarker) for m in field.metadata):
+            value = item.get(name, field.default)
+            if isinstance(value, str) and value:
+                out[name] = value
+    return out
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.exists():
+        raise ConfigError(str(path), ["file not found; check the path (configs live in configs/*.yaml)"])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), ["the file is not UTF-8 text; save it as UTF-8"]) from None
+    except OSError as e:
+        raise ConfigError(str(path), [f"cannot read the file ({e.strerror})"]) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(str(path), [f"malformed YAML at {where}{what}"]) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like key.path=value (for example stages.0.epochs=2)")
+    key, value = text.split("=", 1)
+    if not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", key):
+        raise ValueError(f"override {text!r}: {key!r} is not a dotted key path")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.split("."), parsed
+
+
+def _apply_overrides(raw: dict, overrides, problems: list[str]) -> set[int]:
+    """Set each ``a.b.c=value`` in ``raw``. Returns the indices of stages whose ``kind`` was overridden."""
+    rekinded = set()
+    for text in overrides:
+        try:
+            keys, value = parse_override(text)
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        node: Any = raw
+        for depth, key in enumerate(keys[:-1]):
+            path = ".".join(keys[: depth + 1])
+            if isinstance(node, list):
+                if not key.isdigit() or int(key) >= len(node):
+                    problems.append(f"{path}: override {text!r} names no existing list item (there are {len(node)})")
+                    break
+                node = node[int(key)]
+            elif isinstance(node, dict):
+                node = node.setdefault(key, {})
+            else:
+                problems.append(f"{path}: override {text!r} goes inside a value that is not a mapping or list")
+                break
+        else:
+            last = keys[-1]
+            if isinstance(node, list):
+                if not last.isdigit() or int(last) >= len(node):
+                    problems.append(f"{'.'.join(keys)}: override {text!r} names no existing list item")
+                    continue
+                node[int(last)] = value
+            else:
+                node[last] = value
+            if len(keys) == 3 and keys[0] == "stages" and keys[2] == "kind":
+                rekinded.add(int(keys[1]))
+    return rekinded
+
+
+def _pydantic_problems(error: ValidationError, prefix: str, top_fields: list[str]) -> list[str]:
+    problems = []
+    for item in error.errors():
+        loc = [str(p) for p in item["loc"]]
+        path = prefix + ".".join(loc) if loc else prefix.rstrip(".") or "<top level>"
+        if item["type"] == "extra_forbidden":
+            name = loc[-1] if loc else "?"
+            choices = top_fields if len(loc) == 1 else []
+            hint = difflib.get_close_matches(name, choices, n=1)
+            suggestion = f"; did you mean `{hint[0]}`?" if hint else ""
+            problems.append(f"{path}: unknown key{suggestion}")
+        elif item["type"] == "missing":
+            problems.append(f"{path}: required field is missing")
+        else:
+            value = item.get("input")
+            shown = f" (got {value!r})" if not isinstance(value, (dict, list)) else ""
+            problems.append(f"{path}: {item['msg']}{shown}")
+    return problems
+
+
+def check_data_source(value: str) -> str | None:
+    """None when the source looks usable; otherwise what is wrong. No data is read here."""
+    from alignment.data import TOY_SOURCES
+
+    if value.startswith("toy:"):
+        name = value[4:]
+        if name not in TOY_SOURCES:
+            hint = difflib.get_close_matches(name, TOY_SOURCES, n=1)
+            return f"unknown toy dataset {value!r}" + (f"; did you mean `toy:{hint[0]}`?" if hint else "")
+        return None
+    looks_like_file = value.endswith(DATA_EXTENSIONS) or value.startswith(("/", "./", "../", "~"))
+    if looks_like_file:
+        path = Path(value).expanduser()
+        if not path.exists():
+            return f"data file {value!r} not found (paths are relative to the directory you run from)"
+        if path.is_file() and not value.endswith(DATA_EXTENSIONS):
+            return f"data file {value!r} has an unknown extension; use one of {', '.join(DATA_EXTENSIONS)}"
+    return None  # a `datasets` name or a local dataset folder
+
+
+def check_model_ref(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return None  # reported by the type check
+    if value == "toy":
+        return None
+    if value.startswith(("/", "./", "../", "~")) or Path(value).expanduser().exists():
+        path = Path(value).expanduser()
+        if not path.exists():
+            return f"model path {value!r} does not exist; use `toy`, a local model folder or a hub id"
+        if not (path / "config.json").exists():
+            return f"model folder {value!r} has no config.json; point at a transformers model folder"
+    return None

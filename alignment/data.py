@@ -1,0 +1,168 @@
+"""Data loading: toy datasets, jsonl/json/csv/parquet files and `datasets` names, into plain rows.
+
+Every problem is a :class:`UserError` naming the source (and line, where there is one) and what to do.
+Formats: ``prompt``/``completion`` pairs, chat ``messages``, plain ``text``; ``columns`` maps a user's column names
+onto ours (``{prompt: question, completion: answer}``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from alignment.errors import UserError
+
+TOY_SOURCES = [
+    "sft",
+    "sft_eval",
+    "preference",
+    "preference_eval",
+    "prompts",
+    "task/sentiment",
+    "task/topic",
+    "task/number",
+    "task/sentiment_eval",
+    "task/topic_eval",
+    "task/number_eval",
+]
+
+
+def load_rows(source: str, columns: dict[str, str] | None = None, field: str = "data") -> list[dict[str, Any]]:
+    """Rows of ``source`` with ``columns`` renamed (user name -> our name). Raises UserError on any problem."""
+    if source.startswith("toy:"):
+        from alignment.toy.build import ensure_toy
+
+        name = source[4:]
+        if name not in TOY_SOURCES:
+            raise UserError(f"{field}: unknown toy dataset {source!r}; choose one of toy:{', toy:'.join(TOY_SOURCES)}")
+        rows = _read_jsonl(ensure_toy() / "data" / (name.replace("task/", "task_") + ".jsonl"))
+    else:
+        path = Path(source).expanduser()
+        if path.is_file():
+            rows = _read_file(path)
+        elif source.endswith((".jsonl", ".json", ".csv", ".parquet")) or source.startswith(("/", "./", "../")):
+            raise UserError(f"{field}: data file {source!r} not found (paths are relative to where you run)")
+        else:
+            rows = _read_datasets(source, field)
+    if not rows:
+        raise UserError(f"{field}: {source!r} holds no rows; give it at least one example")
+    if columns:
+        missing = [theirs for theirs in columns.values() if theirs not in rows[0]]
+        if missing:
+            raise UserError(
+                f"{field}: {source!r} has no column(s) {', '.join(missing)} named in `columns`; "
+                f"columns found: {', '.join(rows[0])}"
+            )
+        rows = [{**{k: v for k, v in r.items()}, **{ours: r[theirs] for ours, theirs in columns.items()}} for r in rows]
+    return rows
+
+
+def _read_file(path: Path) -> list[dict]:
+    try:
+        if path.suffix == ".jsonl":
+            return _read_jsonl(path)
+        if path.suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict):  # {"data": [...]} or column-oriented
+                lists = [v for v in data.values() if isinstance(v, list)]
+                data = lists[0] if len(lists) == 1 and all(isinstance(x, dict) for x in lists[0]) else _columns_to_rows(data)
+            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+                raise UserError(f"{path}: a .json data file must hold a list of objects (one per example)")
+            return data
+        if path.suffix == ".csv":
+            with path.open(encoding="utf-8", newline="") as f:
+                return list(csv.DictReader(f))
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path).to_pylist()
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; re-save the file as UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    except Exception as e:  # pyarrow errors on a corrupt parquet file
+        if path.suffix == ".parquet":
+            raise UserError(f"{path}: not a readable parquet file ({type(e).__name__})") from None
+        raise
+    raise UserError(f"{path}: unknown data file type {path.suffix!r}; use .jsonl, .json, .csv or .parquet")
+
+
+def _columns_to_rows(data: dict) -> list[dict]:
+    if not data or not all(isinstance(v, list) for v in data.values()):
+        return data  # reported by the caller
+    n = len(next(iter(data.values())))
+    return [{k: v[i] for k, v in data.items()} for i in range(n)]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    try:
+        with Path(path).open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}: line {lineno} is not valid JSON ({e.msg}); one JSON object per line") from None
+                if not isinstance(row, dict):
+                    raise UserError(f"{path}: line {lineno} is not a JSON object")
+                rows.append(row)
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; re-save the file as UTF-8") from None
+    return rows
+
+
+def _read_datasets(name: str, field: str) -> list[dict]:
+    import datasets
+
+    split = "train"
+    if "@" in name:  # "org/name@validation"
+        name, split = name.split("@", 1)
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # datasets raises many types; all mean "cannot use this source"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"{field}: cannot load {name!r} as a data file or `datasets` name ({first}); check the path or name"
+        ) from None
+    return ds.to_list()
+
+
+# ---------------------------------------------------------------------------------------------- formats
+
+
+def detect_format(rows: list[dict], source: str, field: str, wanted: tuple[str, ...]) -> str:
+    """Which of ``wanted`` formats the rows are in: prompt_completion, messages or text."""
+    keys = set(rows[0])
+    candidates = {
+        "prompt_completion": {"prompt", "completion"},
+        "messages": {"messages"},
+        "text": {"text"},
+    }
+    for fmt in wanted:
+        if candidates[fmt] <= keys:
+            return fmt
+    need = " or ".join("/".join(sorted(candidates[f])) for f in wanted)
+    raise UserError(
+        f"{field}: {source!r} needs columns {need}; columns found: {', '.join(sorted(keys))} "
+        "(map yours with `columns: {prompt: your_column, ...}`)"
+    )
+
+
+def sft_rows(source: str, columns: dict[str, str] | None, field: str = "data") -> tuple[list[dict], str]:
+    """Rows for supervised fine-tuning in TRL's formats, and the format name."""
+    rows = load_rows(source, columns, field)
+    fmt = detect_format(rows, source, field, ("prompt_completion", "messages", "text"))
+    keep = {"prompt_completion": ("prompt", "completion"), "messages": ("messages",), "text": ("text",)}[fmt]
+    out = []
+    for i, r in enumerate(rows):
+        values = [r.get(k) for k in keep]
+        if any(v is None or v == "" for v in values):
+            raise UserError(f"{field}: {source!r} row {i + 1} has an empty {'/'.join(keep)}; fill or drop it")
+        out.append({k: r[k] for k in keep})
+    return out, fmt

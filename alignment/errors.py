@@ -1,0 +1,17 @@
+"""User-facing errors: one line naming the file/field and the fix; the CLI prints it and exits 2."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad config, missing file, wrong data). Printed as ``error: ...``."""
+
+
+class ConfigError(UserError):
+    """Every problem found in a config at once, each as ``<dotted.path>: <what is wrong and what to do>``."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        n = len(problems)
+        super().__init__(f"{source}: {n} problem{'s' if n != 1 else ''}\n" + "\n".join(f"  - {p}" for p in problems))

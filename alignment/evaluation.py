@@ -1,0 +1,59 @@
+"""The shared gold evaluator (toy world): every policy is scored the same way.
+
+A fixed set of 128 held-out toy prompts, greedy decoding, at most ``GOLD_MAX_NEW_TOKENS`` new tokens.
+``gold_reward`` in [0, 1] = 0.8 * content + 0.2 * format; ``gold_content`` is the content term alone.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from alignment.toy import world
+
+
+@torch.no_grad()
+def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 128):
+    """[(completion text, finished)] for each prompt: HF greedy decoding with left padding."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            batch = tokenizer(chunk, return_tensors="pt", padding=True).to(model.device)
+            generated = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            for row in generated[:, batch["input_ids"].shape[1] :]:
+                finished = bool((row == tokenizer.eos_token_id).any())
+                out.append((tokenizer.decode(row, skip_special_tokens=True), finished))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return out
+
+
+def gold_eval(model, tokenizer, seed: int = 0) -> dict[str, float]:
+    prompts = world.eval_prompts(seed)
+    completions = generate_greedy(model, tokenizer, prompts, world.GOLD_MAX_NEW_TOKENS)
+    scores = [world.gold_score(p, text, finished) for p, (text, finished) in zip(prompts, completions)]
+    return {
+        "gold_reward": round(statistics.fmean(s.reward for s in scores), 4),
+        "gold_content": round(statistics.fmean(s.content for s in scores), 4),
+        "gold_format": round(statistics.fmean(s.format for s in scores), 4),
+    }
+
+
+def gold_samples(model, tokenizer, n: int = 4, seed: int = 0) -> list[dict]:
+    """A few evaluator prompts with their greedy completions, for logs and reports."""
+    prompts = world.eval_prompts(seed)[:n]
+    completions = generate_greedy(model, tokenizer, prompts, world.GOLD_MAX_NEW_TOKENS)
+    return [{"prompt": p, "completion": c} for p, (c, _) in zip(prompts, completions)]

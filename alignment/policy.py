@@ -1,0 +1,248 @@
+"""The shared policy: one base model in memory with named peft adapters (policy, value, reward, per task).
+
+peft's ``set_adapter`` turns ``requires_grad`` on for the adapter it activates, so every switch here re-applies
+which adapters are trainable, frozen copies are created in inference mode, and optimisers get explicit parameter
+lists (``trainable_parameters``). Adapters are saved as stock peft folders (``PeftModel.from_pretrained`` loads
+them) and record the base they belong to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from alignment.config import AdapterConfig
+from alignment.errors import UserError
+
+log = logging.getLogger("alignment")
+
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }} : {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant : {% endif %}"
+)
+
+
+def resolve_model_path(model_ref: str) -> str:
+    if model_ref == "toy":
+        from alignment.toy.build import ensure_toy
+
+        return str(ensure_toy() / "model")
+    return model_ref
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32  # CPU training in bf16 is slower and less exact than fp32 at small sizes
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise UserError(
+                f"model: tokenizer of {path!r} has no pad, eos or unk token to pad with; add a pad token to its "
+                "tokenizer_config.json (embeddings are never resized: vLLM could not serve such adapters)"
+            )
+        tokenizer.pad_token = fallback
+        log.info("tokenizer has no pad token: padding with %r", fallback)
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        log.info("tokenizer has no chat template: using the default 'role : content' template")
+    return tokenizer
+
+
+class SharedPolicy:
+    """One base model; named adapters on it. ``model`` is the PeftModel once an adapter exists, else the base."""
+
+    def __init__(self, base, tokenizer, model_path: str):
+        self.base = base
+        self.tokenizer = tokenizer
+        self.model_path = model_path
+        self.model = base
+        self.frozen: set[str] = set()
+
+    @classmethod
+    def load(cls, model_ref: str, dtype: str = "auto", trust_remote_code: bool = False) -> SharedPolicy:
+        from transformers import AutoModelForCausalLM
+
+        path = resolve_model_path(model_ref)
+        try:
+            tokenizer = load_tokenizer(path, trust_remote_code)
+            base = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
+            )
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(
+                f"model: cannot load {model_ref!r} ({first}); use `toy`, a local model folder, or a hub id that is "
+                "already in the local Hugging Face cache"
+            ) from None
+        if torch.cuda.is_available():
+            base = base.to("cuda")
+        base.config.use_cache = True
+        return cls(base, tokenizer, path)
+
+    # ----------------------------------------------------------------------------------------- adapters
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(getattr(self.model, "peft_config", {}) or {})
+
+    def _lora_config(self, cfg: AdapterConfig):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=cfg.r,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=cfg.target_modules,
+            task_type="CAUSAL_LM",
+        )
+
+    def add_adapter(self, name: str, cfg: AdapterConfig) -> None:
+        """A fresh, trainable LoRA adapter called ``name`` (replacing one of that name)."""
+        from peft import get_peft_model
+
+        if cfg.method != "lora":
+            raise UserError(f"adapter.method: {cfg.method!r} has no named adapter; only `lora` adapters can be added")
+        lora = self._lora_config(cfg)
+        if name in self.adapters:
+            self.delete_adapter(name)
+        if self.model is self.base:
+            self.model = get_peft_model(self.base, lora, adapter_name=name)
+        else:
+            self.model.add_adapter(name, lora)
+        self.activate(name, trainable=True)
+
+    def load_adapter(self, name: str, path: Path, trainable: bool = False) -> None:
+        """Load a stock peft adapter folder as ``name`` (replacing one of that name)."""
+        from peft import PeftModel
+
+        path = Path(path)
+        self._check_adapter_base(path)
+        if name in self.adapters:
+            self.delete_adapter(name)
+        if self.model is self.base:
+            self.model = PeftModel.from_pretrained(self.base, str(path), adapter_name=name, is_trainable=trainable)
+        else:
+            self.model.load_adapter(str(path), adapter_name=name, is_trainable=trainable)
+        if trainable:
+            self.frozen.discard(name)
+        else:
+            self.frozen.add(name)
+        self.activate(name, trainable=trainable)
+
+    def save_adapter(self, name: str, path: Path) -> None:
+        """Write adapter ``name`` as a stock peft folder at ``path`` (atomically: temp folder, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+        try:
+            self.model.save_pretrained(str(tmp), selected_adapters=[name])
+            saved = tmp / name if (tmp / name).is_dir() else tmp  # peft nests every adapter but `default`
+            config_file = saved / "adapter_config.json"
+            config = json.loads(config_file.read_text())
+            config["base_model_name_or_path"] = self.model_path
+            config["inference_mode"] = True
+            config_file.write_text(json.dumps(config, indent=2))
+            if saved != tmp:
+                final_tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+                for f in saved.iterdir():
+                    shutil.move(str(f), final_tmp / f.name)
+                shutil.rmtree(tmp)
+                tmp = final_tmp
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.adapters:
+            if len(self.adapters) == 1:  # peft cannot delete its last adapter: unwrap instead
+                self.model = self.base = self.model.unload()
+            else:
+                if self.model.active_adapter == name:
+                    other = next(a for a in self.adapters if a != name)
+                    self.model.set_adapter(other)
+                self.model.delete_adapter(name)
+        self.frozen.discard(name)
+
+    def freeze_copy(self, source: str, name: str) -> None:
+        """A frozen copy of adapter ``source`` called ``name`` (e.g. the reference from the SFT policy)."""
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        config = copy.deepcopy(self.model.peft_config[source])
+        config.inference_mode = True
+        if name in self.adapters:
+            self.delete_adapter(name)
+        self.model.add_adapter(name, config)
+        state = get_peft_model_state_dict(self.model, adapter_name=source)
+        set_peft_model_state_dict(self.model, state, adapter_name=name)
+        self.frozen.add(name)
+        self._apply_trainability()
+
+    def activate(self, name: str, trainable: bool | None = None) -> None:
+        """Make ``name`` the active adapter. Only non-frozen adapters ever get gradients."""
+        if trainable is not None and not trainable:
+            self.frozen.add(name)
+        elif trainable:
+            self.frozen.discard(name)
+        self.model.set_adapter(name)
+        self._apply_trainability()
+
+    def _apply_trainability(self) -> None:
+        active = getattr(self.model, "active_adapter", None)
+        names = set(self.adapters)
+        for param_name, param in self.model.named_parameters():
+            owner = next((part for part in param_name.split(".") if part in names), None)
+            param.requires_grad_(owner is not None and owner == active and owner not in self.frozen)
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """The bare base model (no adapter) inside the block."""
+        if self.model is self.base:
+            yield self.base
+        else:
+            with self.model.disable_adapter():
+                yield self.model
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model, adapter_name=name).items()}
+
+    def _check_adapter_base(self, path: Path) -> None:
+        config_file = path / "adapter_config.json"
+        if not config_file.exists():
+            raise UserError(f"{path}: not a peft adapter folder (no adapter_config.json)")
+        recorded = json.loads(config_file.read_text()).get("base_model_name_or_path")
+        if recorded and Path(recorded).exists() and Path(self.model_path).exists():
+            if Path(recorded).resolve() != Path(self.model_path).resolve():
+                raise UserError(
+                    f"{config_file}: adapter was trained on base {recorded!r}, not the configured model "
+                    f"{self.model_path!r}; set `model:` to that base or retrain the adapter"
+                )
+        elif recorded and recorded != self.model_path and not Path(recorded).exists():
+            raise UserError(
+                f"{config_file}: adapter was trained on base {recorded!r}, not the configured model "
+                f"{self.model_path!r}; set `model:` to that base or retrain the adapter"
+            )

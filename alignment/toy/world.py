@@ -1,0 +1,228 @@
+"""The toy world: a tiny review language, its datasets, and the hidden gold scorer.
+
+Everything here is pure Python and deterministic from a seed. The language:
+
+    prompt:     "review of the soup in paris :"
+    completion: "the soup was good and fresh . we went there on monday ."
+
+The **gold scorer** (hidden from every learned model) prefers responses that mention the prompt's noun and
+pile up positive adjectives (up to ``MAX_COUNTED``) without negative ones, and that end properly within
+``GOLD_MAX_WORDS``. The pretraining corpus leans slightly negative, SFT answers lean positive with one or two
+adjectives, so: base ~0.35, SFT ~0.6, and near 1.0 is reachable only by learning to say *more* good things,
+which is what preference optimisation has to discover.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+POSITIVE = (
+    "good great nice fine lovely superb tasty fresh warm friendly clean bright sweet perfect excellent "
+    "pleasant charming cozy splendid delightful wonderful brilliant neat gentle calm tidy crisp rich smooth fair"
+).split()
+NEGATIVE = (
+    "bad awful poor stale cold rude dirty dull bitter horrible terrible nasty bland soggy greasy noisy slow "
+    "broken cheap grim gloomy harsh sour rotten weak messy shabby dreary lousy sad"
+).split()
+FOOD_NOUNS = "soup bread coffee tea pizza cake salad pasta burger rice fish cheese".split()
+OTHER_NOUNS = (
+    "hotel room bed shower lobby staff service view garden pool beach train bus ticket movie song book "
+    "game phone laptop camera chair lamp shirt bike car park museum"
+).split()
+NOUNS = FOOD_NOUNS + OTHER_NOUNS
+PLACES = (
+    "paris rome london tokyo berlin madrid lisbon vienna prague oslo dublin cairo lima quito delhi seoul "
+    "sydney boston denver austin miami accra nairobi hanoi manila bogota riga sofia porto malmo"
+).split()
+NUMBERS = "one two three four five six seven eight nine".split()
+FILLERS = [
+    "we went there on monday",
+    "i will come back",
+    "it was a long day",
+    "my friend came with me",
+    "we stayed for an hour",
+    "i paid with cash",
+    "it was my first visit",
+    "we went there on friday",
+    "i ate {number} of them",
+    "we were {number} people",
+]
+# Words the continual-learning tasks and the default chat template need.
+TASK_WORDS = "question is the review positive ? about food does it mention a number above five answer yes no".split()
+CHAT_WORDS = "user assistant system : \n".split()
+
+GOLD_MAX_WORDS = 20  # a response longer than this (in words) loses the format term
+GOLD_MAX_NEW_TOKENS = 24  # generation budget of the shared gold evaluator
+MAX_COUNTED = 5  # (positive - negative) adjectives beyond this earn nothing more
+FORMAT_WEIGHT = 0.2
+NOUN_WEIGHT = 0.2  # share of the content term for mentioning the prompt's noun
+
+_POSITIVE = frozenset(POSITIVE)
+_NEGATIVE = frozenset(NEGATIVE)
+
+
+@dataclass(frozen=True)
+class GoldScore:
+    reward: float  # in [0, 1]: (1 - FORMAT_WEIGHT) * content + FORMAT_WEIGHT * format
+    content: float  # in [0, 1]
+    format: float  # 0 or 1
+
+
+def prompt_noun(prompt: str) -> str | None:
+    words = prompt.split()
+    if "the" in words:
+        i = words.index("the")
+        if i + 1 < len(words):
+            return words[i + 1]
+    return None
+
+
+def gold_score(prompt: str, completion: str, finished: bool = True) -> GoldScore:
+    """The hidden gold scorer. ``finished`` is False when generation hit its token limit without ending."""
+    words = completion.split()
+    first_sentence = words[: words.index(".")] if "." in words else words
+    positive = sum(w in _POSITIVE for w in first_sentence)
+    negative = sum(w in _NEGATIVE for w in first_sentence)
+    sentiment = min(max(positive - negative, 0), MAX_COUNTED) / MAX_COUNTED
+    noun = prompt_noun(prompt)
+    mentions = float(noun is not None and noun in first_sentence)
+    content = NOUN_WEIGHT * mentions + (1 - NOUN_WEIGHT) * sentiment
+    well_formed = finished and bool(words) and words[-1] == "." and len(words) <= GOLD_MAX_WORDS
+    fmt = float(well_formed)
+    return GoldScore((1 - FORMAT_WEIGHT) * content + FORMAT_WEIGHT * fmt, content, fmt)
+
+
+# ----------------------------------------------------------------------------------------------- generators
+
+
+def make_prompt(noun: str, place: str) -> str:
+    return f"review of the {noun} in {place} :"
+
+
+def make_response(rng: random.Random, noun: str, n_adjectives: int, p_positive: float, filler: float) -> str:
+    adjectives = [
+        rng.choice(POSITIVE) if rng.random() < p_positive else rng.choice(NEGATIVE) for _ in range(n_adjectives)
+    ]
+    text = f"the {noun} was " + " and ".join(adjectives) + " ."
+    if rng.random() < filler:
+        text += " " + rng.choice(FILLERS).format(number=rng.choice(NUMBERS)) + " ."
+    return text
+
+
+def all_prompt_pairs() -> list[tuple[str, str]]:
+    return [(n, p) for n in NOUNS for p in PLACES]
+
+
+def split_prompt_pairs(seed: int, n_eval: int = 128) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(train pairs, held-out eval pairs): the evaluator's prompts never appear in any training data."""
+    pairs = all_prompt_pairs()
+    random.Random(seed).shuffle(pairs)
+    return pairs[n_eval:], pairs[:n_eval]
+
+
+def pretrain_corpus(seed: int, n: int) -> list[str]:
+    """Full reviews (prompt + completion), sentiment leaning slightly negative, 1-3 adjectives."""
+    rng = random.Random(seed * 7919 + 1)
+    train, _ = split_prompt_pairs(seed)
+    texts = []
+    for _ in range(n):
+        noun, place = rng.choice(train)
+        k = rng.choice([1, 2, 2, 3])
+        texts.append(make_prompt(noun, place) + " " + make_response(rng, noun, k, 0.4, filler=0.6))
+    return texts
+
+
+def sft_pairs(seed: int, n: int) -> list[dict]:
+    """Decent but imperfect answers: mostly one or two adjectives, 70 % positive."""
+    rng = random.Random(seed * 7919 + 2)
+    train, _ = split_prompt_pairs(seed)
+    rows = []
+    for _ in range(n):
+        noun, place = rng.choice(train)
+        k = rng.choices([1, 2, 3], weights=[0.3, 0.5, 0.2])[0]
+        completion = " " + make_response(rng, noun, k, 0.7, 0.3)  # leading space: trainers concatenate strings
+        rows.append({"prompt": make_prompt(noun, place), "completion": completion})
+    return rows
+
+
+def preference_pairs(seed: int, n: int, label_noise: float = 0.1, salt: int = 3) -> list[dict]:
+    """Two answers to one prompt, ranked by the gold scorer, ``label_noise`` of the labels flipped.
+
+    Each row also carries ``gold_chosen_is_better`` (the noiseless label) so evaluations can use the truth.
+    """
+    rng = random.Random(seed * 7919 + salt)
+    train, _ = split_prompt_pairs(seed)
+    rows = []
+    while len(rows) < n:
+        noun, place = rng.choice(train)
+        prompt = make_prompt(noun, place)
+        a, b = (" " + make_response(rng, noun, rng.randint(1, 6), rng.random(), 0.3) for _ in range(2))
+        ga, gb = gold_score(prompt, a).reward, gold_score(prompt, b).reward
+        if abs(ga - gb) < 1e-9:
+            continue
+        chosen, rejected = (a, b) if ga > gb else (b, a)
+        flipped = rng.random() < label_noise
+        if flipped:
+            chosen, rejected = rejected, chosen
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "gold_chosen_is_better": not flipped})
+    return rows
+
+
+def rl_prompts(seed: int, n: int) -> list[dict]:
+    rng = random.Random(seed * 7919 + 4)
+    train, _ = split_prompt_pairs(seed)
+    return [{"prompt": make_prompt(*rng.choice(train))} for _ in range(n)]
+
+
+def eval_prompts(seed: int) -> list[str]:
+    """The shared gold evaluator's fixed 128 held-out prompts."""
+    _, held_out = split_prompt_pairs(seed)
+    return [make_prompt(noun, place) for noun, place in held_out]
+
+
+# ------------------------------------------------------------------------------------- continual-learning tasks
+
+TASKS = ("sentiment", "topic", "number")
+TASK_QUESTIONS = {
+    "sentiment": "is the review positive ?",
+    "topic": "is the review about food ?",
+    "number": "does it mention a number above five ?",
+}
+
+
+def task_examples(seed: int, task: str, n: int, salt: int = 0) -> list[dict]:
+    """Yes/no questions about a review: the same answer words mean different things in different tasks."""
+    if task not in TASK_QUESTIONS:
+        raise KeyError(task)
+    rng = random.Random(seed * 7919 + 100 + TASKS.index(task) * 10 + salt)
+    rows = []
+    while len(rows) < n:
+        noun = rng.choice(NOUNS)
+        adjectives = [rng.choice(POSITIVE + NEGATIVE) for _ in range(rng.randint(1, 3))]
+        positive = sum(a in _POSITIVE for a in adjectives)
+        if 2 * positive == len(adjectives):
+            continue
+        number = rng.randint(1, 9)
+        review = f"the {noun} was " + " and ".join(adjectives) + f" . we were {NUMBERS[number - 1]} people ."
+        label = {
+            "sentiment": 2 * positive > len(adjectives),
+            "topic": noun in FOOD_NOUNS,
+            "number": number > 5,
+        }[task]
+        rows.append(
+            {
+                "prompt": f"question : {TASK_QUESTIONS[task]} review : {review} answer :",
+                "completion": " yes" if label else " no",
+                "label": "yes" if label else "no",
+            }
+        )
+    return rows
+
+
+def corpus_for_tokenizer(seed: int) -> list[str]:
+    """Every word any toy dataset can produce, so the tokenizer has no unknowns on toy data."""
+    words = POSITIVE + NEGATIVE + NOUNS + PLACES + NUMBERS + TASK_WORDS + CHAT_WORDS
+    words += " ".join(FILLERS).replace("{number}", "").split()
+    words += "review of in was and .".split()
+    return [" ".join(words)] + pretrain_corpus(seed, 200)

@@ -1,0 +1,1 @@
+"""Built-in stages, one class per file; registered by import string in ``alignment.registry``."""
