@@ -139,15 +139,11 @@ def _read_datasets(name: str, field: str) -> list[dict]:
 def detect_format(rows: list[dict], source: str, field: str, wanted: tuple[str, ...]) -> str:
     """Which of ``wanted`` formats the rows are in: prompt_completion, messages or text."""
     keys = set(rows[0])
-    candidates = {
-        "prompt_completion": {"prompt", "completion"},
-        "messages": {"messages"},
-        "text": {"text"},
-    }
+    candidates = {"prompt_completion": ("prompt", "completion"), "messages": ("messages",), "text": ("text",)}
     for fmt in wanted:
-        if candidates[fmt] <= keys:
+        if set(candidates[fmt]) <= keys:
             return fmt
-    need = " or ".join("/".join(sorted(candidates[f])) for f in wanted)
+    need = " or ".join("/".join(candidates[f]) for f in wanted)
     raise UserError(
         f"{field}: {source!r} needs columns {need}; columns found: {', '.join(sorted(keys))} "
         "(map yours with `columns: {prompt: your_column, ...}`)"

@@ -50,6 +50,11 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return prepare_tokenizer(tokenizer, path)
+
+
+def prepare_tokenizer(tokenizer, path: str = "the model"):
+    """A pad token (reusing eos or unk, never resizing embeddings) and a chat template, each logged if added."""
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is None:

@@ -1,0 +1,41 @@
+"""Session-scoped fixtures shared by the suite: one toy build, one trained SFT run."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def toy_dir() -> Path:
+    from alignment.toy.build import ensure_toy
+
+    return ensure_toy()
+
+
+@pytest.fixture(scope="session")
+def sft_run(toy_dir, tmp_path_factory):
+    """configs/sft.yaml run once; returns (pipeline, summary, run_dir). Later stages' tests start from it."""
+    from alignment.pipeline import Pipeline
+
+    out = tmp_path_factory.mktemp("runs")
+    pipeline = Pipeline.from_yaml(REPO / "configs" / "sft.yaml", [f"output_dir={out}", "logging.log_every=50"])
+    summary = pipeline.run()
+    return pipeline, summary, out / "sft"
+
+
+def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None):
+    """Run `python -m alignment ...` in a subprocess (fresh interpreter, like a user)."""
+    import subprocess
+
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "alignment", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=900
+    )

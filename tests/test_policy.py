@@ -1,0 +1,85 @@
+"""The shared policy: named adapters on one base, frozen copies stay frozen, save/load round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignment.config import AdapterConfig
+from alignment.errors import UserError
+from alignment.policy import SharedPolicy
+
+
+@pytest.fixture()
+def policy(toy_dir):
+    torch.manual_seed(0)
+    return SharedPolicy.load(str(toy_dir / "model"))
+
+
+def grads(policy, name):
+    return {n: p.requires_grad for n, p in policy.model.named_parameters() if f".{name}." in n}
+
+
+def test_named_adapters_share_one_base(policy):
+    policy.add_adapter("policy", AdapterConfig(r=4))
+    policy.add_adapter("value", AdapterConfig(r=4))
+    assert policy.adapters == ["policy", "value"]
+    policy.activate("policy")
+    assert all(grads(policy, "policy").values()) and not any(grads(policy, "value").values())
+    base_params = [p for n, p in policy.model.named_parameters() if "lora_" not in n]
+    assert base_params and not any(p.requires_grad for p in base_params)
+    assert {id(p) for p in policy.trainable_parameters()} == {
+        id(p) for n, p in policy.model.named_parameters() if ".policy." in n
+    }
+
+
+def test_frozen_copy_stays_frozen_when_activated(policy):
+    policy.add_adapter("policy", AdapterConfig(r=4))
+    with torch.no_grad():
+        for n, p in policy.model.named_parameters():
+            if ".policy." in n:
+                p.add_(0.01)
+    policy.freeze_copy("policy", "reference")
+    policy.activate("reference")  # peft's set_adapter would turn requires_grad on: we keep it off
+    assert not any(grads(policy, "reference").values())
+    ref, pol = policy.adapter_state("reference"), policy.adapter_state("policy")
+    assert ref.keys() == pol.keys() and all(torch.equal(ref[k], pol[k]) for k in ref)
+    policy.activate("policy")
+    assert all(grads(policy, "policy").values()) and not any(grads(policy, "reference").values())
+
+
+def test_save_load_round_trip_and_base_check(policy, tmp_path, toy_dir):
+    policy.add_adapter("policy", AdapterConfig(r=4))
+    with torch.no_grad():
+        for n, p in policy.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    batch = policy.tokenizer(["review of the soup in paris :"], return_tensors="pt")
+    before = policy.model(**batch).logits
+    policy.save_adapter("policy", tmp_path / "policy")
+    policy.delete_adapter("policy")
+    policy.load_adapter("policy", tmp_path / "policy")
+    assert torch.allclose(policy.model(**batch).logits, before, atol=1e-6)
+    with policy.disabled() as bare:
+        assert not torch.allclose(bare(**batch).logits, before)
+
+    import json
+
+    cfg = tmp_path / "policy" / "adapter_config.json"
+    data = json.loads(cfg.read_text())
+    data["base_model_name_or_path"] = "some-org/another-model"
+    cfg.write_text(json.dumps(data))
+    with pytest.raises(UserError, match="adapter was trained on base 'some-org/another-model'"):
+        policy.load_adapter("policy", tmp_path / "policy")
+
+
+def test_tokenizer_without_pad_or_chat_template_gets_defaults(toy_dir):
+    from alignment.policy import load_tokenizer, prepare_tokenizer
+
+    tok = load_tokenizer(str(toy_dir / "model"))
+    tok.pad_token = None
+    tok.chat_template = None
+    prepare_tokenizer(tok)
+    assert tok.pad_token == "</s>"
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == "user : hi\nassistant : "
