@@ -10,7 +10,11 @@ from typing import Any
 
 from rich.console import Console
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+# keys shown on the console line when present (metrics.jsonl always gets every key)
+CONSOLE_KEYS = ("loss", "eval_loss", "grad_norm", "learning_rate", "mean_token_accuracy", "epoch")
+CONSOLE_MAX_KEYS = 8
 
 
 def _fmt(value: Any) -> str:
@@ -38,7 +42,8 @@ class MetricsLogger:
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
         if echo:
-            shown = "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
+            keys = [k for k in CONSOLE_KEYS if k in metrics] or list(metrics)
+            shown = "  ".join(f"{k} {_fmt(metrics[k])}" for k in keys[:CONSOLE_MAX_KEYS])
             console.print(f"[dim]\\[{self.label}][/dim] step {step:>4}  {shown}")
 
     def close(self, final: dict[str, Any] | None = None) -> None:
