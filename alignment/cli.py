@@ -28,6 +28,14 @@ def _parser() -> argparse.ArgumentParser:
     quick.add_argument("overrides", nargs="*")
 
     sub.add_parser("stages", help="list stage kinds and their config fields")
+
+    evaluate = sub.add_parser("eval", help="evaluate artifacts")
+    what = evaluate.add_subparsers(dest="what", required=True)
+    pairs = what.add_parser("pairs", help="pairwise accuracy of a reward model on preference pairs")
+    pairs.add_argument("--reward", required=True, help="a reward model folder (e.g. runs/reward/1-reward/reward_model)")
+    pairs.add_argument("--data", required=True, help="pairs: prompt/chosen/rejected jsonl/json/csv/parquet, toy:...")
+    pairs.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
+    pairs.add_argument("--batch-size", type=int, default=64)
     return parser
 
 
@@ -70,6 +78,8 @@ def _dispatch(args) -> int:
             print(f"warning: {w}", file=sys.stderr)
         print(f"{args.config}: ok ({len(config.stages)} stages: {' -> '.join(s.kind for s in config.stages)})")
         return 0
+    if args.command == "eval" and args.what == "pairs":
+        return _eval_pairs(args)
     from alignment.pipeline import Pipeline
 
     if args.command == "quickstart":
@@ -79,3 +89,10 @@ def _dispatch(args) -> int:
         Pipeline.from_yaml(args.config, args.overrides).run()
         return 0
     raise AssertionError(args.command)
+
+
+def _eval_pairs(args) -> int:
+    # reward_models sits above the core: reach it through an import string, like the stage registry does
+    import importlib
+
+    return importlib.import_module("reward_models.evaluate").eval_pairs_command(args)

@@ -203,9 +203,7 @@ def config_from_dict(
                 )
         for artifact in cls.produces(cfg):
             available[artifact] = i
-    for i, (cfg, cls) in enumerate(zip(stages, stage_classes)):
-        if cfg is not None and hasattr(cls, "warnings"):
-            warnings += [f"stages.{i}: {w}" for w in cls.warnings(cfg, [s for s in stages[i + 1 :] if s])]
+    warnings += _unused_artifacts(stages, stage_classes)
 
     model_problem = check_model_ref(raw.get("model", "toy"))
     if model_problem:
@@ -216,6 +214,20 @@ def config_from_dict(
     config.stages = stages
     config.source = source
     return config, warnings
+
+
+def _unused_artifacts(stages, classes) -> list[str]:
+    """A stage (not the last) whose products no later stage uses is probably a mistake, e.g. a reward model
+    trained before a DPO stage. The policy adapter is exempt: it is the pipeline's product."""
+    out = []
+    if any(c is None for c in stages):
+        return out
+    for i, (cfg, cls) in enumerate(zip(stages[:-1], classes[:-1])):
+        later = set().union(*(c.requires(s) for s, c in zip(stages[i + 1 :], classes[i + 1 :])))
+        unused = sorted(a for a in cls.produces(cfg) if a not in ("policy", "preference_data") and a not in later)
+        if unused and not (cls.produces(cfg) & later) and cls.produces(cfg) != {"policy"}:
+            out.append(f"stages.{i}: the {cfg.kind!r} stage produces {', '.join(unused)} but no later stage uses it")
+    return out
 
 
 def _raw_data_sources(config_cls: type[StageConfig], item: dict) -> dict[str, str]:

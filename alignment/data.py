@@ -162,3 +162,67 @@ def sft_rows(source: str, columns: dict[str, str] | None, field: str = "data") -
             raise UserError(f"{field}: {source!r} row {i + 1} has an empty {'/'.join(keep)}; fill or drop it")
         out.append({k: r[k] for k in keep})
     return out, fmt
+
+
+def _split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """HH-RLHF style: two full transcripts sharing a prompt prefix -> (prompt, chosen, rejected).
+
+    The split is at the last whitespace inside the common prefix, so answers keep their leading space.
+    """
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    cut = max(chosen.rfind(" ", 0, n + 1), chosen.rfind("\n", 0, n + 1))
+    cut = cut if cut > 0 else n
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def _messages_text(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def preference_rows(
+    source: str, columns: dict[str, str] | None, field: str = "data", tokenizer=None
+) -> tuple[list[dict], int]:
+    """Rows with prompt/chosen/rejected (+ gold_chosen_is_better when the data has it), and how many were dropped.
+
+    Accepted: prompt/chosen/rejected text; chosen/rejected full transcripts sharing a prefix (HH-RLHF style);
+    chat messages (chosen/rejected as message lists ending in the assistant answer, an optional `prompt` list).
+    Pairs whose two answers are identical are dropped and counted; if every pair is dropped that is an error.
+    """
+    rows = load_rows(source, columns, field)
+    keys = set(rows[0])
+    if not {"chosen", "rejected"} <= keys:
+        raise UserError(
+            f"{field}: {source!r} needs columns prompt/chosen/rejected (or chosen/rejected transcripts); "
+            f"columns found: {', '.join(sorted(keys))} (map yours with `columns: {{chosen: your_column, ...}}`)"
+        )
+    out, dropped = [], 0
+    for i, r in enumerate(rows):
+        chosen, rejected, prompt = r["chosen"], r["rejected"], r.get("prompt")
+        if isinstance(chosen, list) or isinstance(rejected, list):  # chat messages
+            if tokenizer is None:
+                raise UserError(f"{field}: chat-format preference data needs a tokenizer with a chat template")
+            history = list(prompt or []) + list(chosen[:-1])
+            prompt = _messages_text(tokenizer, history, True)
+            chosen = " " + str(chosen[-1]["content"])
+            rejected = " " + str(rejected[-1]["content"])
+        elif prompt is None:
+            prompt, chosen, rejected = _split_transcripts(str(chosen), str(rejected))
+        if not isinstance(chosen, str) or not isinstance(rejected, str) or not chosen.strip() or not rejected.strip():
+            raise UserError(f"{field}: {source!r} row {i + 1} has an empty or non-text chosen/rejected answer")
+        if chosen.strip() == rejected.strip():
+            dropped += 1
+            continue
+        row = {"prompt": str(prompt), "chosen": chosen, "rejected": rejected}
+        if "gold_chosen_is_better" in r:
+            row["gold_chosen_is_better"] = bool(r["gold_chosen_is_better"])
+        out.append(row)
+    if not out:
+        raise UserError(
+            f"{field}: every pair in {source!r} was dropped ({dropped} with identical chosen and rejected answers); "
+            "the data has no preference signal"
+        )
+    return out, dropped

@@ -41,15 +41,35 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, b
     return out
 
 
-def gold_eval(model, tokenizer, seed: int = 0) -> dict[str, float]:
+def gold_scores(model, tokenizer, seed: int = 0) -> list[float]:
+    """Per-prompt gold rewards of the greedy completions on the evaluator's prompts (in a fixed order)."""
+    return [s.reward for s in _scored(model, tokenizer, seed)]
+
+
+def _scored(model, tokenizer, seed: int) -> list[world.GoldScore]:
     prompts = world.eval_prompts(seed)
     completions = generate_greedy(model, tokenizer, prompts, world.GOLD_MAX_NEW_TOKENS)
-    scores = [world.gold_score(p, text, finished) for p, (text, finished) in zip(prompts, completions)]
-    return {
+    return [world.gold_score(p, text, finished) for p, (text, finished) in zip(prompts, completions)]
+
+
+def gold_eval(model, tokenizer, seed: int = 0, baseline: list[float] | None = None) -> dict[str, float]:
+    """gold_reward, gold_content, gold_format; with ``baseline`` (per-prompt scores) also gold_win_rate."""
+    scores = _scored(model, tokenizer, seed)
+    metrics = {
         "gold_reward": round(statistics.fmean(s.reward for s in scores), 4),
         "gold_content": round(statistics.fmean(s.content for s in scores), 4),
         "gold_format": round(statistics.fmean(s.format for s in scores), 4),
     }
+    if baseline is not None:
+        metrics["gold_win_rate"] = round(win_rate([s.reward for s in scores], baseline), 4)
+    return metrics
+
+
+def win_rate(ours: list[float], theirs: list[float]) -> float:
+    """Fraction of prompts where ours scores higher; ties count half."""
+    if len(ours) != len(theirs) or not ours:
+        raise ValueError("win_rate needs two equally long, non-empty score lists")
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs)) / len(ours)
 
 
 def gold_samples(model, tokenizer, n: int = 4, seed: int = 0) -> list[dict]:
@@ -57,3 +77,17 @@ def gold_samples(model, tokenizer, n: int = 4, seed: int = 0) -> list[dict]:
     prompts = world.eval_prompts(seed)[:n]
     completions = generate_greedy(model, tokenizer, prompts, world.GOLD_MAX_NEW_TOKENS)
     return [{"prompt": p, "completion": c} for p, (c, _) in zip(prompts, completions)]
+
+
+@torch.no_grad()
+def completion_logprobs(model, tokenizer, prompts: list[str], completions: list[str]) -> list[float]:
+    """Sum of log-probs of each completion's tokens given its prompt (prompt + completion tokenised together)."""
+    out = []
+    for prompt, completion in zip(prompts, completions):
+        n_prompt = len(tokenizer(prompt).input_ids)
+        ids = tokenizer(prompt + completion, return_tensors="pt").input_ids.to(model.device)
+        logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+        targets = ids[0, 1:]
+        token_logps = logps.gather(-1, targets[:, None]).squeeze(-1)
+        out.append(token_logps[n_prompt - 1 :].sum().item())
+    return out

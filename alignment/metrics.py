@@ -13,7 +13,7 @@ from rich.console import Console
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 # keys shown on the console line when present (metrics.jsonl always gets every key)
-CONSOLE_KEYS = ("loss", "eval_loss", "grad_norm", "learning_rate", "mean_token_accuracy", "epoch")
+CONSOLE_KEYS = ("loss", "eval_loss", "accuracy", "margin", "grad_norm", "learning_rate", "mean_token_accuracy", "epoch")
 CONSOLE_MAX_KEYS = 8
 
 

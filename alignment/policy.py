@@ -219,6 +219,22 @@ class SharedPolicy:
             param.requires_grad_(owner is not None and owner == active and owner not in self.frozen)
 
     @contextlib.contextmanager
+    def using(self, name: str):
+        """Adapter ``name`` active inside the block; the previous one (and trainability) restored after."""
+        previous = getattr(self.model, "active_adapter", None)
+        self.activate(name)
+        try:
+            yield self.model
+        finally:
+            if previous is not None and previous in self.adapters:
+                self.activate(previous)
+
+    def backbone(self):
+        """The transformer body (no LM head) with the active adapter applied: hidden states for score heads."""
+        causal = self.model.get_base_model() if self.model is not self.base else self.base
+        return getattr(causal, causal.base_model_prefix)
+
+    @contextlib.contextmanager
     def disabled(self):
         """The bare base model (no adapter) inside the block."""
         if self.model is self.base:

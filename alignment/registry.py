@@ -13,6 +13,8 @@ from alignment.errors import ConfigError
 
 BUILTIN_STAGES: dict[str, str] = {
     "sft": "stages.sft:SFTStage",
+    "reward": "stages.reward:RewardStage",
+    "dpo": "stages.dpo:DPOStage",
 }
 
 

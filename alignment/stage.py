@@ -93,10 +93,21 @@ class StageContext:
         np.random.seed(seed)
         torch.manual_seed(seed)
 
-    def gold_metrics(self) -> dict[str, float]:
-        """Toy only: the shared gold evaluator on the policy as it is now (active adapter). {} otherwise."""
+    def gold_metrics(self, baseline: list[float] | None = None) -> dict[str, float]:
+        """Toy only: the shared gold evaluator on the policy as it is now (active adapter). {} otherwise.
+
+        With ``baseline`` (per-prompt scores from ``gold_scores``) it adds ``gold_win_rate`` against it.
+        """
         if not self.is_toy:
             return {}
         from alignment.evaluation import gold_eval
 
-        return gold_eval(self.policy.model, self.policy.tokenizer)
+        return gold_eval(self.policy.model, self.policy.tokenizer, baseline=baseline)
+
+    def gold_scores(self) -> list[float] | None:
+        """Toy only: per-prompt gold scores of the policy as it is now (for win rates). None otherwise."""
+        if not self.is_toy:
+            return None
+        from alignment.evaluation import gold_scores
+
+        return gold_scores(self.policy.model, self.policy.tokenizer)

@@ -39,3 +39,23 @@ def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None):
     return subprocess.run(
         [sys.executable, "-m", "alignment", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=900
     )
+
+
+def _run_config(name: str, tmp_path_factory, *overrides: str):
+    from alignment.pipeline import Pipeline
+
+    out = tmp_path_factory.mktemp("runs")
+    pipeline = Pipeline.from_yaml(REPO / "configs" / f"{name}.yaml", [f"output_dir={out}", "logging.log_every=50", *overrides])
+    return pipeline, pipeline.run(), out / pipeline.config.name
+
+
+@pytest.fixture(scope="session")
+def reward_run(toy_dir, tmp_path_factory):
+    """configs/reward.yaml (SFT -> reward model) run once."""
+    return _run_config("reward", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def dpo_run(toy_dir, tmp_path_factory):
+    """configs/sft_dpo.yaml run once."""
+    return _run_config("sft_dpo", tmp_path_factory)

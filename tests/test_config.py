@@ -139,3 +139,11 @@ def test_cli_user_error_is_one_line_exit_2(tmp_path):
     proc = run_cli("run", str(tmp_path / "missing.yaml"))
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_unused_reward_stage_warns():
+    raw = {"name": "t", "stages": [{"kind": "sft"}, {"kind": "reward"}, {"kind": "dpo"}]}
+    _, warnings = config_from_dict(raw)
+    assert warnings == ["stages.1: the 'reward' stage produces reward_model but no later stage uses it"]
+    _, warnings = config_from_dict({"name": "t", "stages": [{"kind": "sft"}, {"kind": "reward"}]})
+    assert warnings == []

@@ -1,0 +1,144 @@
+"""A trained reward model: a linear score head on the last token's hidden state + a LoRA adapter.
+
+On disk it is a stock peft folder for sequence classification (``task_type: SEQ_CLS``, the head saved as
+``base_model.model.score.weight``), so ``AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)``
+plus ``PeftModel.from_pretrained(model, folder)`` gives the same scores. In the pipeline it lives on the shared
+base as a named adapter (default ``reward``): no second copy of the base.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from alignment.errors import UserError
+
+SCORE_KEY = "base_model.model.score.weight"
+STATS_FILE = "reward_stats.json"
+
+
+def new_score_head(hidden_size: int, dtype: torch.dtype, device) -> torch.nn.Linear:
+    head = torch.nn.Linear(hidden_size, 1, bias=False, dtype=dtype, device=device)
+    torch.nn.init.normal_(head.weight, std=1 / math.sqrt(hidden_size + 1))
+    return head
+
+
+def sequence_rewards(policy, adapter_name: str, head, texts: list[str], max_length: int) -> torch.Tensor:
+    """(B,) rewards: the head applied to the hidden state of each text's last token, with ``adapter_name`` active."""
+    tokenizer = policy.tokenizer
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    try:
+        batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = side
+    batch = batch.to(head.weight.device)
+    with policy.using(adapter_name):
+        hidden = policy.backbone()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    last = batch["attention_mask"].sum(dim=1) - 1
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return head(pooled).squeeze(-1).float()
+
+
+def save_reward_model(policy, adapter_name: str, head, folder: Path, stats: dict) -> None:
+    """Write the adapter + head as a stock SEQ_CLS peft folder (atomically: temp folder, then rename)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(policy.model, adapter_name=adapter_name).items()}
+        state[SCORE_KEY] = head.weight.detach().clone().contiguous()
+        save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        config = policy.model.peft_config[adapter_name].to_dict()
+        config.update(
+            task_type="SEQ_CLS",
+            modules_to_save=["score"],
+            base_model_name_or_path=policy.model_path,
+            inference_mode=True,
+            target_modules=sorted(config["target_modules"]) if config.get("target_modules") else None,
+        )
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, default=list))
+        (tmp / STATS_FILE).write_text(json.dumps(stats, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class TrainedRewardModel:
+    """Scores with a reward adapter + head on a SharedPolicy (the pipeline's, or one loaded for it)."""
+
+    def __init__(self, policy, adapter_name: str, head, max_length: int = 512, batch_size: int = 64, stats=None):
+        self.policy, self.adapter_name, self.head = policy, adapter_name, head
+        self.max_length, self.batch_size = max_length, batch_size
+        self.stats = stats or {}
+
+    @classmethod
+    def load(cls, folder: str | Path, policy=None, adapter_name: str = "reward", **kwargs) -> TrainedRewardModel:
+        """From a reward folder; on ``policy``'s base when given (checked), else on the base the folder records."""
+        from peft import LoraConfig, set_peft_model_state_dict
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        config_file, weights_file = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+        if not config_file.exists() or not weights_file.exists():
+            raise UserError(f"{folder}: not a reward model folder (needs adapter_config.json and adapter_model.safetensors)")
+        config = json.loads(config_file.read_text())
+        if policy is None:
+            from alignment.policy import SharedPolicy
+
+            policy = SharedPolicy.load(config["base_model_name_or_path"])
+        policy._check_adapter_base(folder)
+        try:
+            state = load_file(str(weights_file))
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{weights_file}: corrupted or unreadable safetensors file ({e}); retrain or re-copy it") from None
+        if SCORE_KEY not in state:
+            raise UserError(f"{weights_file}: has no score head ({SCORE_KEY}); is this a reward model folder?")
+        head_weight = state.pop(SCORE_KEY)
+        lora = LoraConfig(
+            r=config["r"],
+            lora_alpha=config["lora_alpha"],
+            lora_dropout=0.0,
+            target_modules=config["target_modules"],
+            task_type="CAUSAL_LM",
+            inference_mode=True,
+        )
+        if adapter_name in policy.adapters:
+            policy.delete_adapter(adapter_name)
+        if policy.model is policy.base:
+            from peft import get_peft_model
+
+            policy.model = get_peft_model(policy.base, lora, adapter_name=adapter_name)
+        else:
+            policy.model.add_adapter(adapter_name, lora)
+        set_peft_model_state_dict(policy.model, state, adapter_name=adapter_name)
+        policy.frozen.add(adapter_name)
+        policy._apply_trainability()
+        head = torch.nn.Linear(head_weight.shape[1], 1, bias=False, dtype=head_weight.dtype)
+        head.weight.data.copy_(head_weight)
+        head.requires_grad_(False)
+        stats_file = folder / STATS_FILE
+        stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
+        return cls(policy, adapter_name, head.to(policy.base.device), stats=stats, **kwargs)
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        texts = [p + c for p, c in zip(prompts, completions)]
+        out = [
+            sequence_rewards(self.policy, self.adapter_name, self.head, texts[i : i + self.batch_size], self.max_length)
+            for i in range(0, len(texts), self.batch_size)
+        ]
+        return torch.cat(out).cpu() if out else torch.zeros(0)

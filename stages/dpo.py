@@ -1,0 +1,172 @@
+"""Direct preference optimisation on TRL's DPOTrainer, continuing the `policy` adapter.
+
+The reference is the frozen SFT policy (not the bare base): TRL 1.16, given a PeftModel, copies the adapter named
+`default` into a frozen `ref` adapter on the same base. So at this boundary our `policy` adapter is loaded as
+`default`, TRL makes `ref` from it, and after training `default` is saved back as the `policy` artifact.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Literal
+
+from pydantic import Field
+
+from alignment.config import DataSource, StageConfig
+from alignment.stage import StageContext, StageResult
+
+TRL_TRAINED, TRL_REFERENCE = "default", "ref"  # adapter names hard-coded in TRL's dpo_trainer.py
+
+
+class DPOConfig(StageConfig):
+    kind: Literal["dpo"] = "dpo"
+    data: DataSource | None = None  # default: the reward stage's preference data if there is one, else toy:preference
+    eval_data: DataSource | None = None
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    columns: dict[str, str] = Field(default_factory=dict)
+    max_samples: int | None = Field(None, ge=1)
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    sft_weight: float = Field(0.0, ge=0.0)  # > 0 adds an NLL term on the chosen answers (RPO) against likelihood drift
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1
+    batch_size: int = Field(16, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(5e-4, gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_length: int = Field(256, ge=8)
+
+
+class DPOStage:
+    """Direct preference optimisation (TRL DPOTrainer) of the `policy` adapter against the frozen SFT policy."""
+
+    Config = DPOConfig
+
+    def __init__(self, config: DPOConfig):
+        self.config = config
+
+    @classmethod
+    def requires(cls, config: DPOConfig) -> set[str]:
+        return {"policy"}
+
+    @classmethod
+    def produces(cls, config: DPOConfig) -> set[str]:
+        return {"policy"}
+
+    def run(self, ctx: StageContext) -> StageResult:
+        import torch
+        from datasets import Dataset
+        from safetensors.torch import load_file
+        from trl import DPOConfig as TRLDPOConfig
+        from trl import DPOTrainer
+
+        from alignment.data import preference_rows
+        from alignment.io import read_json
+        from alignment.trainer_logging import trainer_callbacks, use_console_progress
+
+        cfg, policy = self.config, ctx.policy
+        source = cfg.data
+        if source is None:
+            source = read_json(ctx.artifacts["preference_data"])["source"] if "preference_data" in ctx.artifacts else "toy:preference"
+        field = f"stages.{ctx.index}.data"
+        rows, dropped = preference_rows(source, cfg.columns, field, policy.tokenizer)
+        random.Random(ctx.seed).shuffle(rows)
+        if cfg.max_samples:
+            rows = rows[: cfg.max_samples]
+        if cfg.eval_data:
+            eval_rows, _ = preference_rows(cfg.eval_data, cfg.columns, f"stages.{ctx.index}.eval_data", policy.tokenizer)
+        else:
+            n_eval = int(len(rows) * cfg.eval_fraction)
+            eval_rows, rows = rows[:n_eval], rows[n_eval:]
+        keep = ("prompt", "chosen", "rejected")
+        rows = [{k: r[k] for k in keep} for r in rows]
+        eval_rows = [{k: r[k] for k in keep} for r in eval_rows]
+
+        sft_adapter = ctx.artifact("policy")
+        for name in (TRL_TRAINED, TRL_REFERENCE):
+            policy.delete_adapter(name)
+        policy.load_adapter(TRL_TRAINED, sft_adapter, trainable=True)
+        sft_scores = ctx.gold_scores()
+
+        args = TRLDPOConfig(
+            output_dir=str(ctx.dir / "checkpoints"),
+            beta=cfg.beta,
+            loss_type=[cfg.loss_type, "sft"] if cfg.sft_weight else [cfg.loss_type],
+            loss_weights=[1.0, cfg.sft_weight] if cfg.sft_weight else None,
+            label_smoothing=cfg.label_smoothing,
+            num_train_epochs=cfg.epochs,
+            max_steps=cfg.max_steps,
+            per_device_train_batch_size=cfg.batch_size,
+            per_device_eval_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            learning_rate=cfg.learning_rate,
+            lr_scheduler_type=cfg.lr_scheduler,
+            warmup_steps=cfg.warmup_ratio,
+            weight_decay=cfg.weight_decay,
+            max_grad_norm=cfg.max_grad_norm,
+            max_length=cfg.max_length,
+            logging_steps=ctx.pipeline.logging.log_every,
+            eval_strategy="no",
+            save_strategy="no",
+            report_to="none",
+            seed=ctx.seed,
+            data_seed=ctx.seed,
+            use_cpu=not torch.cuda.is_available(),
+            bf16=policy.base.dtype == torch.bfloat16,
+            fp16=policy.base.dtype == torch.float16,
+            dataset_num_proc=None,
+        )
+        trainer = DPOTrainer(
+            model=policy.model,
+            ref_model=None,  # TRL copies `default` (our SFT policy) into the frozen `ref` adapter
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+            processing_class=policy.tokenizer,
+            callbacks=trainer_callbacks(ctx.logger),
+        )
+        use_console_progress(trainer)
+        self._record_reference(ctx, rows[:4])
+        output = trainer.train()
+        policy.model.eval()
+
+        metrics = {"train_loss": round(output.training_loss, 4), "train_pairs": len(rows), "dropped_pairs": dropped}
+        last = {k: v for entry in trainer.state.log_history for k, v in entry.items()}
+        for ours, theirs in (("reward_accuracy", "rewards/accuracies"), ("reward_margin", "rewards/margins")):
+            if theirs in last:
+                metrics[ours] = round(float(last[theirs]), 4)
+        if eval_rows:
+            evaluated = trainer.evaluate()
+            metrics["eval_loss"] = round(evaluated["eval_loss"], 4)
+            if "eval_rewards/accuracies" in evaluated:
+                metrics["eval_reward_accuracy"] = round(evaluated["eval_rewards/accuracies"], 4)
+        # The reference must still be exactly the SFT policy.
+        sft_weights = load_file(sft_adapter / "adapter_model.safetensors")
+        reference = {k.replace(f".{TRL_REFERENCE}.", "."): v for k, v in policy.adapter_state(TRL_REFERENCE).items()}
+        metrics["reference_max_abs_diff"] = max(
+            float((reference[k].float() - v.float()).abs().max()) for k, v in sft_weights.items()
+        )
+
+        target = ctx.dir / "adapters" / "policy"
+        policy.save_adapter(TRL_TRAINED, target)
+        for name in (TRL_REFERENCE, TRL_TRAINED):
+            policy.delete_adapter(name)
+        policy.load_adapter("policy", target)
+        metrics.update(ctx.gold_metrics(baseline=sft_scores))
+        return StageResult(metrics=metrics, artifacts={"policy": ctx.relative(target)})
+
+    @staticmethod
+    def _record_reference(ctx: StageContext, sample: list[dict]) -> None:
+        """Log-probs of a few chosen answers under TRL's reference adapter (checked against the SFT model in tests)."""
+        from alignment.evaluation import completion_logprobs
+        from alignment.io import atomic_write_json
+
+        policy = ctx.policy
+        with policy.using(TRL_REFERENCE):
+            logps = completion_logprobs(policy.model, policy.tokenizer, [r["prompt"] for r in sample], [r["chosen"] for r in sample])
+        policy.activate(TRL_TRAINED, trainable=True)
+        atomic_write_json(ctx.dir / "reference_check.json", {"rows": sample, "reference_logprobs": logps})

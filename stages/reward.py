@@ -1,0 +1,157 @@
+"""Reward-model training: Bradley-Terry (optionally with a margin) on preference pairs.
+
+TRL's RewardTrainer wants a ``num_labels=1`` sequence-classification model; ours is a score head on the shared
+causal-LM base (the `reward` adapter), so this stage runs its own small loop (about 40 lines below) and saves the
+result as a stock SEQ_CLS peft folder (see ``reward_models/trained.py``).
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from typing import Literal
+
+from pydantic import Field
+
+from alignment.config import DataSource, StageConfig
+from alignment.stage import StageContext, StageResult
+
+
+class RewardConfig(StageConfig):
+    kind: Literal["reward"] = "reward"
+    data: DataSource = "toy:preference"
+    eval_data: DataSource | None = None  # default: toy:preference_eval for toy data, else `eval_fraction` held out
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    columns: dict[str, str] = Field(default_factory=dict)
+    max_samples: int | None = Field(None, ge=1)
+    adapter_name: str = "reward"
+    margin: float = Field(0.0, ge=0.0)  # BT with margin: -log sigmoid(r_c - r_r - margin); a `margin` column wins
+    center_rewards_coefficient: float = Field(0.0, ge=0.0)  # + coef * mean((r_c + r_r)^2), keeps rewards near 0
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_length: int = Field(256, ge=8)
+
+
+class RewardStage:
+    """Reward model (Bradley-Terry): a score head + `reward` LoRA adapter on the shared base."""
+
+    Config = RewardConfig
+
+    def __init__(self, config: RewardConfig):
+        self.config = config
+
+    @classmethod
+    def requires(cls, config: RewardConfig) -> set[str]:
+        return set()
+
+    @classmethod
+    def produces(cls, config: RewardConfig) -> set[str]:
+        return {"reward_model", "preference_data"}
+
+    def run(self, ctx: StageContext) -> StageResult:
+        import torch
+        from transformers import get_scheduler
+
+        from alignment.algorithms.preference import bradley_terry_loss
+        from alignment.data import preference_rows
+        from alignment.io import atomic_write_json
+        from reward_models.trained import new_score_head, save_reward_model, sequence_rewards
+
+        cfg, policy = self.config, ctx.policy
+        rows, dropped = preference_rows(cfg.data, cfg.columns, f"stages.{ctx.index}.data", policy.tokenizer)
+        rng = random.Random(ctx.seed)
+        rng.shuffle(rows)
+        if cfg.max_samples:
+            rows = rows[: cfg.max_samples]
+        eval_source = cfg.eval_data or ("toy:preference_eval" if cfg.data == "toy:preference" else None)
+        if eval_source:
+            eval_rows, _ = preference_rows(eval_source, cfg.columns, f"stages.{ctx.index}.eval_data", policy.tokenizer)
+        else:
+            n_eval = max(1, int(len(rows) * cfg.eval_fraction))
+            eval_rows, rows = rows[:n_eval], rows[n_eval:]
+
+        policy.add_adapter(cfg.adapter_name, ctx.adapter)
+        head = new_score_head(policy.base.config.hidden_size, policy.base.dtype, policy.base.device)
+        params = policy.trainable_parameters() + list(head.parameters())
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        steps_per_epoch = -(-len(rows) // cfg.batch_size)
+        total = max(1, int(steps_per_epoch * cfg.epochs))
+        scheduler = get_scheduler(cfg.lr_scheduler, optimizer, int(total * cfg.warmup_ratio), total)
+
+        def rewards(batch, key):
+            texts = [r["prompt"] + r[key] for r in batch]
+            return sequence_rewards(policy, cfg.adapter_name, head, texts, cfg.max_length)
+
+        # the loop: shuffle each epoch, BT loss on (chosen, rejected), clip, step
+        policy.model.train()
+        step, order, recent = 0, [], []
+        while step < total:
+            if not order:
+                order = list(range(len(rows)))
+                rng.shuffle(order)
+            batch = [rows[i] for i in order[: cfg.batch_size]]
+            order = order[cfg.batch_size :]
+            chosen, rejected = rewards(batch, "chosen"), rewards(batch, "rejected")
+            margin = torch.tensor([float(r.get("margin", cfg.margin)) for r in batch])
+            loss = bradley_terry_loss(chosen, rejected, margin)
+            if cfg.center_rewards_coefficient:
+                loss = loss + cfg.center_rewards_coefficient * ((chosen + rejected) ** 2).mean()
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            accuracy = (chosen > rejected).float().mean().item()
+            recent = (recent + [(loss.item(), accuracy)])[-50:]
+            if step % ctx.pipeline.logging.log_every == 0 or step == total:
+                ctx.logger.log(step, {"loss": loss.item(), "accuracy": accuracy, "grad_norm": float(grad_norm),
+                                      "margin": (chosen - rejected).mean().item(), "learning_rate": scheduler.get_last_lr()[0]})
+        policy.model.eval()
+
+        metrics = {
+            "train_loss": round(statistics.fmean(x for x, _ in recent), 4),
+            "train_accuracy": round(statistics.fmean(a for _, a in recent), 4),
+            "train_pairs": len(rows),
+            "dropped_pairs": dropped,
+            **self._evaluate(eval_rows, rewards, cfg.batch_size),
+        }
+        with torch.no_grad():
+            train_scores = torch.cat([rewards(rows[i : i + 64], k) for i in range(0, min(len(rows), 512), 64) for k in ("chosen", "rejected")])
+        stats = {"mean": train_scores.mean().item(), "std": train_scores.std().item(), "source": cfg.data}
+        metrics.update(reward_mean=round(stats["mean"], 4), reward_std=round(stats["std"], 4))
+
+        folder = ctx.dir / "reward_model"
+        save_reward_model(policy, cfg.adapter_name, head, folder, stats)
+        atomic_write_json(ctx.dir / "preference_data.json", {"source": cfg.data, "columns": cfg.columns})
+        return StageResult(
+            metrics=metrics,
+            artifacts={"reward_model": ctx.relative(folder), "preference_data": ctx.relative(ctx.dir / "preference_data.json")},
+        )
+
+    @staticmethod
+    def _evaluate(eval_rows, rewards, batch_size) -> dict[str, float]:
+        """eval_accuracy (against the noiseless gold label when the data has one), the noisy-label accuracy, and
+        the "longer answer wins" baseline (against the same labels; ties count half)."""
+        import torch
+
+        chosen_better, longer_wins = [], []
+        with torch.no_grad():
+            for i in range(0, len(eval_rows), batch_size):
+                batch = eval_rows[i : i + batch_size]
+                chosen_better += (rewards(batch, "chosen") > rewards(batch, "rejected")).tolist()
+        truth = [r.get("gold_chosen_is_better", True) for r in eval_rows]
+        for r, t in zip(eval_rows, truth):
+            lc, lr = len(r["chosen"].split()), len(r["rejected"].split())
+            longer_wins.append(0.5 if lc == lr else float((lc > lr) == t))
+        return {
+            "eval_accuracy": round(statistics.fmean(float(c == t) for c, t in zip(chosen_better, truth)), 4),
+            "eval_accuracy_noisy": round(statistics.fmean(float(c) for c in chosen_better), 4),
+            "length_baseline_accuracy": round(statistics.fmean(longer_wins), 4),
+            "eval_pairs": len(eval_rows),
+        }
