@@ -15,6 +15,7 @@ BUILTIN_STAGES: dict[str, str] = {
     "sft": "stages.sft:SFTStage",
     "reward": "stages.reward:RewardStage",
     "dpo": "stages.dpo:DPOStage",
+    "ppo": "stages.ppo:PPOStage",
 }
 
 

@@ -59,3 +59,9 @@ def reward_run(toy_dir, tmp_path_factory):
 def dpo_run(toy_dir, tmp_path_factory):
     """configs/sft_dpo.yaml run once."""
     return _run_config("sft_dpo", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def ppo_run(toy_dir, tmp_path_factory):
+    """configs/sft_rm_ppo.yaml (SFT -> reward -> PPO) run once."""
+    return _run_config("sft_rm_ppo", tmp_path_factory)

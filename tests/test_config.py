@@ -147,3 +147,12 @@ def test_unused_reward_stage_warns():
     assert warnings == ["stages.1: the 'reward' stage produces reward_model but no later stage uses it"]
     _, warnings = config_from_dict({"name": "t", "stages": [{"kind": "sft"}, {"kind": "reward"}]})
     assert warnings == []
+
+
+def test_quickstart_runs_the_sft_rm_ppo_chain():
+    from alignment.cli import QUICKSTART
+
+    quick, _ = load_config(QUICKSTART)
+    chain, _ = load_config(REPO / "configs" / "sft_rm_ppo.yaml")
+    assert [s.model_dump() for s in quick.stages] == [s.model_dump() for s in chain.stages]
+    assert quick.adapter == chain.adapter and quick.rollout == chain.rollout

@@ -1,0 +1,94 @@
+"""PPO on the real toy model: one shared base, the sync check, the run's metrics, and the swap to DPO."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from alignment.config import AdapterConfig
+from alignment.policy import SharedPolicy
+from alignment.rollout import Sampling
+from alignment.rollout.hf import HFEngine
+from stages.ppo import _logprobs, _pack, _sync_diff
+from tests.conftest import REPO, run_cli
+
+
+def test_policy_reference_critic_and_reward_share_one_base(ppo_run, toy_dir):
+    from reward_models import TrainedRewardModel
+
+    _, _, run_dir = ppo_run
+    policy = SharedPolicy.load(str(toy_dir / "model"))
+    policy.load_adapter("policy", run_dir / "0-sft" / "adapters" / "policy", trainable=True)
+    policy.freeze_copy("policy", "reference")
+    policy.add_adapter("value", AdapterConfig())
+    TrainedRewardModel.load(run_dir / "1-reward" / "reward_model", policy=policy)
+    assert sorted(policy.adapters) == ["policy", "reference", "reward", "value"]
+    q_proj = policy.model.get_base_model().model.layers[0].self_attn.q_proj
+    assert set(q_proj.lora_A.keys()) == {"policy", "reference", "reward", "value"}
+    # every adapter wraps the same base tensor: one copy of the base in memory
+    base_tensors = {p.data_ptr() for n, p in policy.model.named_parameters() if "lora_" not in n}
+    original = SharedPolicy.load(str(toy_dir / "model")).base
+    assert len(base_tensors) == sum(1 for _ in original.parameters())
+    assert sum(p.numel() for n, p in policy.model.named_parameters() if "lora_" not in n) == sum(
+        p.numel() for p in original.parameters()
+    )
+
+
+def test_sync_check_small_when_in_sync_and_large_when_stale(sft_run):
+    pipeline, _, _ = sft_run
+    policy = pipeline.policy()
+    policy.activate("policy")
+    engine = HFEngine(policy)
+    torch.manual_seed(0)
+    rollout = engine.generate(["review of the soup in paris :"] * 8, Sampling(max_new_tokens=12))
+    seq = _pack(rollout, policy.tokenizer.pad_token_id, policy.base.device)
+    with torch.no_grad():
+        fresh, _ = _logprobs(policy, "policy", seq, 1.0)
+    in_sync = _sync_diff(rollout, fresh, seq["response_mask"])
+    assert in_sync[0] < 1e-3
+    saved = policy.adapter_state("policy")
+    try:
+        with torch.no_grad():  # the trainer moves on but the engine's rollout is stale
+            for n, p in policy.model.named_parameters():
+                if ".policy." in n and "lora_B" in n:
+                    p.add_(torch.randn_like(p) * 0.5)
+            stale, _ = _logprobs(policy, "policy", seq, 1.0)
+        assert _sync_diff(rollout, stale, seq["response_mask"])[0] > 0.1
+    finally:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(policy.model, {k.replace(".policy.", "."): v for k, v in saved.items()},
+                                  adapter_name="policy")
+
+
+def test_ppo_improves_gold_with_the_hf_engine(ppo_run):
+    _, summary, run_dir = ppo_run
+    sft, ppo = summary["stages"][0]["metrics"], summary["stages"][2]
+    m = ppo["metrics"]
+    assert ppo["kind"] == "ppo" and ppo["engine"] == "hf" and ppo["sync_mode"] == "shared"
+    assert m["gold_reward"] > sft["gold_reward"] + 0.05
+    assert m["gold_content"] > sft["gold_content"]
+    assert m["sync_logprob_diff_mean"] <= 0.05 and m["samples_per_s"] > 0
+    assert ppo["artifacts"]["policy"] == "2-ppo/adapters/policy"
+    lines = [json.loads(x) for x in (run_dir / "2-ppo" / "metrics.jsonl").read_text().splitlines()]
+    for key in ("reward", "kl", "entropy", "approx_kl", "clipfrac", "vf_loss", "explained_variance", "response_length",
+                "time_generate", "time_train"):
+        assert key in lines[-1], key
+    assert (run_dir / "2-ppo" / "checkpoints").is_dir()
+
+
+def test_swap_ppo_for_dpo_is_one_override(ppo_run):
+    _, _, run_dir = ppo_run
+    proc = run_cli("validate", str(REPO / "configs" / "sft_rm_ppo.yaml"), "stages.2.kind=dpo")
+    assert proc.returncode == 0, proc.stderr
+    assert "stages.2: kind changed to 'dpo'; dropped fields it does not have:" in proc.stderr
+    assert "stages.1: the 'reward' stage produces reward_model but no later stage uses it" in proc.stderr
+    proc = run_cli("run", str(REPO / "configs" / "sft_rm_ppo.yaml"), "stages.2.kind=dpo", "stages.2.sft_weight=1.0",
+                   f"output_dir={run_dir.parent}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [s["status"] for s in summary["stages"]] == ["skipped", "skipped", "done"]
+    assert summary["stages"][2]["kind"] == "dpo" and summary["stages"][2]["dir"] == "2-dpo"
+    assert summary["stages"][2]["metrics"]["train_pairs"] == 1900  # the reward stage's preference data (5 % held out)
+    assert summary["stages"][2]["metrics"]["gold_reward"] > summary["stages"][0]["metrics"]["gold_reward"]
