@@ -231,11 +231,13 @@ class PPOStage:
             "reward": round(raw_scores.mean().item(), 4),
             "kl": round(kl_per_seq, 4),
             "samples_per_s": round(samples / wall, 3),
-            "sync_logprob_diff_mean": round(sum(d[0] for d in sync_diffs) / len(sync_diffs), 5) if sync_diffs else None,
-            "sync_logprob_diff_max": round(max(d[1] for d in sync_diffs), 5) if sync_diffs else None,
+            "sync_logprob_diff_mean": round(sum(d[0] for d in sync_diffs) / len(sync_diffs), 7) if sync_diffs else None,
+            "sync_logprob_diff_max": round(max(d[1] for d in sync_diffs), 7) if sync_diffs else None,
             **{f"time_{k}_s": round(v, 2) for k, v in timing.items()},
             **gold,
         }
+        if hasattr(engine, "close"):
+            engine.close()
         for name in ("reference", "value"):
             policy.delete_adapter(name)
         policy.activate("policy")
@@ -290,18 +292,22 @@ class PPOStage:
         return torch.clamp(scores, -cfg.reward_clip, cfg.reward_clip) if cfg.reward_clip else scores
 
     def _engine(self, ctx: StageContext):
+        """`auto` takes vLLM when it is installed and supports the model, else HF, and says which and why."""
         from alignment.metrics import console
         from alignment.rollout.hf import HFEngine
+        from alignment.rollout.vllm import VLLMEngine, vllm_problem
 
-        choice = ctx.rollout.engine
-        if choice == "vllm":
-            from alignment.errors import UserError
-
-            raise UserError(f"stages.{ctx.index}.rollout.engine: the vLLM engine is not available yet in this version; "
-                            "use `hf` or `auto`")
+        choice, policy = ctx.rollout.engine, ctx.policy
+        if choice == "hf":
+            return HFEngine(policy)
         if choice == "auto":
-            console.print("rollout.engine auto: using the HF engine (the vLLM engine is not built yet)")
-        return HFEngine(ctx.policy)
+            problem = vllm_problem(policy.base.config)
+            if problem:
+                console.print(f"rollout.engine auto: using the HF engine ({problem})")
+                return HFEngine(policy)
+        max_len = max(len(policy.tokenizer(p).input_ids) for p in ["x"]) + 512
+        max_len = min(getattr(policy.base.config, "max_position_embeddings", max_len), max_len)
+        return VLLMEngine(policy, ctx.rollout.sync, ctx.rollout.memory_fraction, ctx.adapter.r, max_len, ctx.seed)
 
     def _checkpoint(self, ctx, iteration, value_head, policy_opt, value_opt) -> None:
         import torch

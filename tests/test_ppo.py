@@ -62,11 +62,12 @@ def test_sync_check_small_when_in_sync_and_large_when_stale(sft_run):
                                   adapter_name="policy")
 
 
-def test_ppo_improves_gold_with_the_hf_engine(ppo_run):
+def test_ppo_improves_gold_with_the_default_vllm_engine(ppo_run):
     _, summary, run_dir = ppo_run
     sft, ppo = summary["stages"][0]["metrics"], summary["stages"][2]
     m = ppo["metrics"]
-    assert ppo["kind"] == "ppo" and ppo["engine"] == "hf" and ppo["sync_mode"] == "shared"
+    # engine auto -> vLLM (installed, head size 64 supported), sync auto -> merged on CPU
+    assert ppo["kind"] == "ppo" and ppo["engine"] == "vllm" and ppo["sync_mode"] == "merged"
     lines = [json.loads(x) for x in (run_dir / "2-ppo" / "metrics.jsonl").read_text().splitlines()]
     first, last = [x["reward"] for x in lines[:10]], [x["reward"] for x in lines[-10:]]
     assert sum(last) / 10 > sum(first) / 10 + 0.3  # the learned reward rises (measured ~0.9 -> ~1.7)

@@ -13,7 +13,7 @@ from typing import Protocol
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     max_new_tokens: int
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
 
 

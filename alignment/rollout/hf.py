@@ -34,8 +34,8 @@ class HFEngine:
         batch = tok(prompts, return_tensors="pt", padding=True).to(model.device)
         generated = model.generate(
             **batch,
-            do_sample=True,
-            temperature=sampling.temperature,
+            do_sample=sampling.temperature > 0,
+            temperature=sampling.temperature if sampling.temperature > 0 else None,
             top_p=sampling.top_p,
             top_k=0,
             max_new_tokens=sampling.max_new_tokens,

