@@ -77,6 +77,25 @@ class StageConfig(Strict):
         return out
 
 
+class TrainingConfig(StageConfig):
+    """Fields every training stage shares (each stage adds its data field and may change defaults)."""
+
+    eval_data: DataSource | None = None  # held-out rows; without it `eval_fraction` of the data is held out
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    columns: dict[str, str] = Field(default_factory=dict)  # our name -> your column, e.g. {prompt: question}
+    max_samples: int | None = Field(None, ge=1)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = Field(16, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_length: int = Field(256, ge=8)
+
+
 class PipelineConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     model: str = "toy"

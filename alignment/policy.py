@@ -12,9 +12,7 @@ import contextlib
 import copy
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -119,26 +117,33 @@ class SharedPolicy:
         )
 
     def add_adapter(self, name: str, cfg: AdapterConfig) -> None:
-        """A fresh, trainable LoRA adapter called ``name`` (replacing one of that name)."""
-        from peft import get_peft_model
-
+        """A fresh, trainable LoRA adapter called ``name`` (replacing one of that name), made active."""
         if cfg.method != "lora":
             raise UserError(f"adapter.method: {cfg.method!r} has no named adapter; only `lora` adapters can be added")
-        lora = self._lora_config(cfg)
+        self.attach(name, self._lora_config(cfg), trainable=True)
+        self.activate(name)
+
+    def attach(self, name: str, peft_config, state: dict | None = None, trainable: bool = False) -> None:
+        """Add adapter ``name`` from a peft config (replacing one of that name), with weights ``state`` if given."""
+        from peft import get_peft_model, set_peft_model_state_dict
+
         if name in self.adapters:
             self.delete_adapter(name)
         if self.model is self.base:
-            self.model = get_peft_model(self.base, lora, adapter_name=name)
+            self.model = get_peft_model(self.base, peft_config, adapter_name=name)
         else:
-            self.model.add_adapter(name, lora)
-        self.activate(name, trainable=True)
+            self.model.add_adapter(name, peft_config)
+        if state is not None:
+            set_peft_model_state_dict(self.model, state, adapter_name=name)
+        (self.frozen.discard if trainable else self.frozen.add)(name)
+        self._apply_trainability()
 
     def load_adapter(self, name: str, path: Path, trainable: bool = False) -> None:
         """Load a stock peft adapter folder as ``name`` (replacing one of that name)."""
         from peft import PeftModel
 
         path = Path(path)
-        self._check_adapter_base(path)
+        self.check_adapter_base(path)
         if name in self.adapters:
             self.delete_adapter(name)
         if self.model is self.base:
@@ -153,29 +158,20 @@ class SharedPolicy:
 
     def save_adapter(self, name: str, path: Path) -> None:
         """Write adapter ``name`` as a stock peft folder at ``path`` (atomically: temp folder, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-        try:
-            self.model.save_pretrained(str(tmp), selected_adapters=[name])
-            saved = tmp / name if (tmp / name).is_dir() else tmp  # peft nests every adapter but `default`
-            config_file = saved / "adapter_config.json"
+        from alignment.io import atomic_dir
+
+        with atomic_dir(Path(path)) as tmp:
+            self.model.save_pretrained(str(tmp / "saved"), selected_adapters=[name])
+            saved = tmp / "saved" / name if (tmp / "saved" / name).is_dir() else tmp / "saved"  # peft nests non-default
+            for f in saved.iterdir():
+                if f.is_file():
+                    shutil.move(str(f), tmp / f.name)
+            shutil.rmtree(tmp / "saved")
+            config_file = tmp / "adapter_config.json"
             config = json.loads(config_file.read_text())
             config["base_model_name_or_path"] = self.model_path
             config["inference_mode"] = True
             config_file.write_text(json.dumps(config, indent=2))
-            if saved != tmp:
-                final_tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-                for f in saved.iterdir():
-                    shutil.move(str(f), final_tmp / f.name)
-                shutil.rmtree(tmp)
-                tmp = final_tmp
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     def delete_adapter(self, name: str) -> None:
         if name in self.adapters:
@@ -190,17 +186,11 @@ class SharedPolicy:
 
     def freeze_copy(self, source: str, name: str) -> None:
         """A frozen copy of adapter ``source`` called ``name`` (e.g. the reference from the SFT policy)."""
-        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+        from peft import get_peft_model_state_dict
 
         config = copy.deepcopy(self.model.peft_config[source])
         config.inference_mode = True
-        if name in self.adapters:
-            self.delete_adapter(name)
-        self.model.add_adapter(name, config)
-        state = get_peft_model_state_dict(self.model, adapter_name=source)
-        set_peft_model_state_dict(self.model, state, adapter_name=name)
-        self.frozen.add(name)
-        self._apply_trainability()
+        self.attach(name, config, get_peft_model_state_dict(self.model, adapter_name=source), trainable=False)
 
     def activate(self, name: str, trainable: bool | None = None) -> None:
         """Make ``name`` the active adapter. Only non-frozen adapters ever get gradients."""
@@ -251,7 +241,8 @@ class SharedPolicy:
 
         return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model, adapter_name=name).items()}
 
-    def _check_adapter_base(self, path: Path) -> None:
+    def check_adapter_base(self, path: Path) -> None:
+        """UserError when the adapter folder records a base other than this policy's."""
         config_file = path / "adapter_config.json"
         if not config_file.exists():
             raise UserError(f"{path}: not a peft adapter folder (no adapter_config.json)")

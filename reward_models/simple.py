@@ -54,11 +54,14 @@ class Normalized:
         self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
         self.count = total
 
-    def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
-        raw = self.inner.score(prompts, completions)
+    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
+        """Update the running statistics with ``raw`` (unless fixed), then standardise and clip it."""
         self.update(raw)
         out = (raw - self.mean) / (self.var**0.5 + 1e-8)
         return out.clamp(-self.clip, self.clip) if self.clip else out
+
+    def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        return self.normalize(self.inner.score(prompts, completions))
 
 
 class Composite:

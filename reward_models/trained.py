@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -51,11 +48,11 @@ def save_reward_model(policy, adapter_name: str, head, folder: Path, stats: dict
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
-        state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(policy.model, adapter_name=adapter_name).items()}
+    from alignment.io import atomic_dir
+
+    with atomic_dir(Path(folder)) as tmp:
+        state = get_peft_model_state_dict(policy.model, adapter_name=adapter_name)
+        state = {k: v.detach().contiguous() for k, v in state.items()}
         state[SCORE_KEY] = head.weight.detach().clone().contiguous()
         save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         config = policy.model.peft_config[adapter_name].to_dict()
@@ -68,12 +65,6 @@ def save_reward_model(policy, adapter_name: str, head, folder: Path, stats: dict
         )
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, default=list))
         (tmp / STATS_FILE).write_text(json.dumps(stats, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 class TrainedRewardModel:
@@ -87,7 +78,7 @@ class TrainedRewardModel:
     @classmethod
     def load(cls, folder: str | Path, policy=None, adapter_name: str = "reward", **kwargs) -> TrainedRewardModel:
         """From a reward folder; on ``policy``'s base when given (checked), else on the base the folder records."""
-        from peft import LoraConfig, set_peft_model_state_dict
+        from peft import LoraConfig
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -100,7 +91,7 @@ class TrainedRewardModel:
             from alignment.policy import SharedPolicy
 
             policy = SharedPolicy.load(config["base_model_name_or_path"])
-        policy._check_adapter_base(folder)
+        policy.check_adapter_base(folder)
         try:
             state = load_file(str(weights_file))
         except (SafetensorError, OSError) as e:
@@ -116,17 +107,7 @@ class TrainedRewardModel:
             task_type="CAUSAL_LM",
             inference_mode=True,
         )
-        if adapter_name in policy.adapters:
-            policy.delete_adapter(adapter_name)
-        if policy.model is policy.base:
-            from peft import get_peft_model
-
-            policy.model = get_peft_model(policy.base, lora, adapter_name=adapter_name)
-        else:
-            policy.model.add_adapter(adapter_name, lora)
-        set_peft_model_state_dict(policy.model, state, adapter_name=adapter_name)
-        policy.frozen.add(adapter_name)
-        policy._apply_trainability()
+        policy.attach(adapter_name, lora, state, trainable=False)
         head = torch.nn.Linear(head_weight.shape[1], 1, bias=False, dtype=head_weight.dtype)
         head.weight.data.copy_(head_weight)
         head.requires_grad_(False)

@@ -12,33 +12,20 @@ from typing import Literal
 
 from pydantic import Field
 
-from alignment.config import DataSource, StageConfig
+from alignment.config import DataSource, TrainingConfig
 from alignment.stage import StageContext, StageResult
 
 TRL_TRAINED, TRL_REFERENCE = "default", "ref"  # adapter names hard-coded in TRL's dpo_trainer.py
 
 
-class DPOConfig(StageConfig):
+class DPOConfig(TrainingConfig):
     kind: Literal["dpo"] = "dpo"
     data: DataSource | None = None  # default: the reward stage's preference data if there is one, else toy:preference
-    eval_data: DataSource | None = None
-    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    columns: dict[str, str] = Field(default_factory=dict)
-    max_samples: int | None = Field(None, ge=1)
     beta: float = Field(0.1, gt=0)
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     sft_weight: float = Field(0.0, ge=0.0)  # > 0 adds an NLL term on the chosen answers (RPO) against likelihood drift
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int = -1
-    batch_size: int = Field(16, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(5e-4, gt=0)
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    max_length: int = Field(256, ge=8)
 
 
 class DPOStage:
@@ -58,7 +45,6 @@ class DPOStage:
         return {"policy"}
 
     def run(self, ctx: StageContext) -> StageResult:
-        import torch
         from datasets import Dataset
         from safetensors.torch import load_file
         from trl import DPOConfig as TRLDPOConfig
@@ -66,7 +52,7 @@ class DPOStage:
 
         from alignment.data import preference_rows
         from alignment.io import read_json
-        from alignment.trainer_logging import trainer_callbacks, use_console_progress
+        from alignment.training import trainer_callbacks, trl_args, use_console_progress
 
         cfg, policy = self.config, ctx.policy
         source = cfg.data
@@ -93,32 +79,12 @@ class DPOStage:
         sft_scores = ctx.gold_scores()
 
         args = TRLDPOConfig(
-            output_dir=str(ctx.dir / "checkpoints"),
+            **trl_args(cfg, ctx),
             beta=cfg.beta,
             loss_type=[cfg.loss_type, "sft"] if cfg.sft_weight else [cfg.loss_type],
             loss_weights=[1.0, cfg.sft_weight] if cfg.sft_weight else None,
             label_smoothing=cfg.label_smoothing,
-            num_train_epochs=cfg.epochs,
-            max_steps=cfg.max_steps,
-            per_device_train_batch_size=cfg.batch_size,
-            per_device_eval_batch_size=cfg.batch_size,
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            learning_rate=cfg.learning_rate,
-            lr_scheduler_type=cfg.lr_scheduler,
-            warmup_steps=cfg.warmup_ratio,
-            weight_decay=cfg.weight_decay,
-            max_grad_norm=cfg.max_grad_norm,
-            max_length=cfg.max_length,
-            logging_steps=ctx.pipeline.logging.log_every,
             eval_strategy="no",
-            save_strategy="no",
-            report_to="none",
-            seed=ctx.seed,
-            data_seed=ctx.seed,
-            use_cpu=not torch.cuda.is_available(),
-            bf16=policy.base.dtype == torch.bfloat16,
-            fp16=policy.base.dtype == torch.float16,
-            dataset_num_proc=None,
         )
         trainer = DPOTrainer(
             model=policy.model,

@@ -97,7 +97,7 @@ class PPOStage:
         policy.add_adapter("value", ctx.adapter)
         value_head = new_score_head(policy.base.config.hidden_size, policy.base.dtype, policy.base.device)
         torch.nn.init.zeros_(value_head.weight)
-        reward_model = self._reward_model(ctx)
+        reward_model, normalized = self._reward_model(ctx)
         engine = self._engine(ctx)
         console.print(f"rollout engine: {engine.name} (sync: {engine.sync_mode})")
         sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
@@ -127,7 +127,7 @@ class PPOStage:
 
             # 2. score the responses; log-probs of policy and reference, values of the critic
             raw_scores = reward_model.score(rollout.prompts, rollout.texts).float()
-            scores = self._normalize(raw_scores, reward_model)
+            scores = normalized.normalize(raw_scores)
             finished = torch.tensor(rollout.finished, dtype=torch.float32)
             scores = scores - cfg.unfinished_penalty * (1 - finished)
             seq = _pack(rollout, policy.tokenizer.pad_token_id, policy.base.device)
@@ -180,7 +180,6 @@ class PPOStage:
                 if stop:
                     break
             timing["train"] += time.time() - t2
-            t3 = time.time()
             timing["sync"] += engine.sync(policy)
             samples += len(batch_prompts)
             kl_per_seq = (kl * mask).sum(1).mean().item()
@@ -261,7 +260,9 @@ class PPOStage:
                         f"columns found: {', '.join(sorted(rows[0]))}")
 
     def _reward_model(self, ctx: StageContext):
-        from reward_models import RuleReward, ToyGoldReward
+        """The scorer, and it wrapped in normalisation: fixed from the reward model's training statistics when it
+        has them (else running), running, or none (clipping only)."""
+        from reward_models import Normalized, RuleReward, ToyGoldReward
         from reward_models.trained import TrainedRewardModel
 
         cfg = self.config
@@ -271,25 +272,12 @@ class PPOStage:
             model = ToyGoldReward()
         else:
             model = RuleReward(cfg.reward)
-        self._running = (0.0, 1.0, 0)
-        return model
-
-    def _normalize(self, scores, reward_model):
-        import torch
-
-        cfg = self.config
-        if cfg.reward_normalization == "fixed" and getattr(reward_model, "stats", None):
-            scores = (scores - reward_model.stats["mean"]) / (reward_model.stats["std"] + 1e-8)
-        elif cfg.reward_normalization in ("running", "fixed") and not getattr(reward_model, "stats", None):
-            mean, var, n = self._running
-            b = scores.numel()
-            delta = scores.mean().item() - mean
-            total = n + b
-            mean += delta * b / total
-            var = (var * n + scores.var(unbiased=False).item() * b + delta**2 * n * b / total) / total
-            self._running = (mean, var, total)
-            scores = (scores - mean) / (var**0.5 + 1e-8)
-        return torch.clamp(scores, -cfg.reward_clip, cfg.reward_clip) if cfg.reward_clip else scores
+        stats = getattr(model, "stats", None) or {}
+        if cfg.reward_normalization == "none":
+            return model, Normalized(model, mean=0.0, std=1.0, clip=cfg.reward_clip)
+        if cfg.reward_normalization == "fixed" and stats:
+            return model, Normalized(model, mean=stats["mean"], std=stats["std"], clip=cfg.reward_clip)
+        return model, Normalized(model, clip=cfg.reward_clip)
 
     def _engine(self, ctx: StageContext):
         """`auto` takes vLLM when it is installed and supports the model, else HF, and says which and why."""
@@ -305,8 +293,7 @@ class PPOStage:
             if problem:
                 console.print(f"rollout.engine auto: using the HF engine ({problem})")
                 return HFEngine(policy)
-        max_len = max(len(policy.tokenizer(p).input_ids) for p in ["x"]) + 512
-        max_len = min(getattr(policy.base.config, "max_position_embeddings", max_len), max_len)
+        max_len = min(getattr(policy.base.config, "max_position_embeddings", 4096), 4096)
         return VLLMEngine(policy, ctx.rollout.sync, ctx.rollout.memory_fraction, ctx.adapter.r, max_len, ctx.seed)
 
     def _checkpoint(self, ctx, iteration, value_head, policy_opt, value_opt) -> None:

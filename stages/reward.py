@@ -13,28 +13,17 @@ from typing import Literal
 
 from pydantic import Field
 
-from alignment.config import DataSource, StageConfig
+from alignment.config import DataSource, TrainingConfig
 from alignment.stage import StageContext, StageResult
 
 
-class RewardConfig(StageConfig):
+class RewardConfig(TrainingConfig):
     kind: Literal["reward"] = "reward"
-    data: DataSource = "toy:preference"
-    eval_data: DataSource | None = None  # default: toy:preference_eval for toy data, else `eval_fraction` held out
+    data: DataSource = "toy:preference"  # eval_data default: toy:preference_eval for toy data, else eval_fraction
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    columns: dict[str, str] = Field(default_factory=dict)
-    max_samples: int | None = Field(None, ge=1)
     adapter_name: str = "reward"
     margin: float = Field(0.0, ge=0.0)  # BT with margin: -log sigmoid(r_c - r_r - margin); a `margin` column wins
     center_rewards_coefficient: float = Field(0.0, ge=0.0)  # + coef * mean((r_c + r_r)^2), keeps rewards near 0
-    epochs: float = Field(1.0, gt=0)
-    batch_size: int = Field(16, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    max_length: int = Field(256, ge=8)
 
 
 class RewardStage:
@@ -79,8 +68,8 @@ class RewardStage:
         head = new_score_head(policy.base.config.hidden_size, policy.base.dtype, policy.base.device)
         params = policy.trainable_parameters() + list(head.parameters())
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        steps_per_epoch = -(-len(rows) // cfg.batch_size)
-        total = max(1, int(steps_per_epoch * cfg.epochs))
+        steps_per_epoch = -(-len(rows) // (cfg.batch_size * cfg.gradient_accumulation_steps))
+        total = cfg.max_steps if cfg.max_steps > 0 else max(1, int(steps_per_epoch * cfg.epochs))
         scheduler = get_scheduler(cfg.lr_scheduler, optimizer, int(total * cfg.warmup_ratio), total)
 
         def rewards(batch, key):
@@ -91,17 +80,18 @@ class RewardStage:
         policy.model.train()
         step, order, recent = 0, [], []
         while step < total:
-            if not order:
-                order = list(range(len(rows)))
-                rng.shuffle(order)
-            batch = [rows[i] for i in order[: cfg.batch_size]]
-            order = order[cfg.batch_size :]
-            chosen, rejected = rewards(batch, "chosen"), rewards(batch, "rejected")
-            margin = torch.tensor([float(r.get("margin", cfg.margin)) for r in batch])
-            loss = bradley_terry_loss(chosen, rejected, margin)
-            if cfg.center_rewards_coefficient:
-                loss = loss + cfg.center_rewards_coefficient * ((chosen + rejected) ** 2).mean()
-            loss.backward()
+            for _ in range(cfg.gradient_accumulation_steps):
+                if not order:
+                    order = list(range(len(rows)))
+                    rng.shuffle(order)
+                batch = [rows[i] for i in order[: cfg.batch_size]]
+                order = order[cfg.batch_size :]
+                chosen, rejected = rewards(batch, "chosen"), rewards(batch, "rejected")
+                margin = torch.tensor([float(r.get("margin", cfg.margin)) for r in batch])
+                loss = bradley_terry_loss(chosen, rejected, margin)
+                if cfg.center_rewards_coefficient:
+                    loss = loss + cfg.center_rewards_coefficient * ((chosen + rejected) ** 2).mean()
+                (loss / cfg.gradient_accumulation_steps).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()

@@ -7,28 +7,14 @@ from typing import Literal
 
 from pydantic import Field
 
-from alignment.config import DataSource, StageConfig
+from alignment.config import DataSource, TrainingConfig
 from alignment.stage import StageContext, StageResult
 
 
-class SFTConfig(StageConfig):
+class SFTConfig(TrainingConfig):
     kind: Literal["sft"] = "sft"
     data: DataSource = "toy:sft"
-    eval_data: DataSource | None = None  # held-out rows; without it `eval_fraction` of `data` is held out
-    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    columns: dict[str, str] = Field(default_factory=dict)  # our name -> your column, e.g. {prompt: question}
-    max_samples: int | None = Field(None, ge=1)
     adapter_name: str = "policy"  # which named adapter this stage trains (continual chains use one per task)
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int = -1  # > 0 overrides epochs
-    batch_size: int = Field(16, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    max_length: int = Field(256, ge=8)
     completion_only_loss: bool = True  # loss on completion tokens only (prompt/completion data)
     eval_steps: int | None = Field(None, ge=1)  # evaluate every N steps (default: at the end only)
 
@@ -50,13 +36,12 @@ class SFTStage:
         return {config.adapter_name}
 
     def run(self, ctx: StageContext) -> StageResult:
-        import torch
         from datasets import Dataset
         from trl import SFTConfig as TRLSFTConfig
         from trl import SFTTrainer
 
         from alignment.data import sft_rows
-        from alignment.trainer_logging import trainer_callbacks, use_console_progress
+        from alignment.training import trainer_callbacks, trl_args, use_console_progress
 
         cfg = self.config
         rows, fmt = sft_rows(cfg.data, cfg.columns, f"stages.{ctx.index}.data")
@@ -72,30 +57,10 @@ class SFTStage:
         policy = ctx.policy
         model = self._prepare_model(ctx)
         args = TRLSFTConfig(
-            output_dir=str(ctx.dir / "checkpoints"),
-            num_train_epochs=cfg.epochs,
-            max_steps=cfg.max_steps,
-            per_device_train_batch_size=cfg.batch_size,
-            per_device_eval_batch_size=cfg.batch_size,
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            learning_rate=cfg.learning_rate,
-            lr_scheduler_type=cfg.lr_scheduler,
-            warmup_steps=cfg.warmup_ratio,
-            weight_decay=cfg.weight_decay,
-            max_grad_norm=cfg.max_grad_norm,
-            max_length=cfg.max_length,
+            **trl_args(cfg, ctx),
             completion_only_loss=cfg.completion_only_loss if fmt == "prompt_completion" else None,
-            logging_steps=ctx.pipeline.logging.log_every,
             eval_strategy="steps" if eval_rows and cfg.eval_steps else "no",
             eval_steps=cfg.eval_steps,
-            save_strategy="no",
-            report_to="none",
-            seed=ctx.seed,
-            data_seed=ctx.seed,
-            use_cpu=not torch.cuda.is_available(),
-            bf16=ctx.policy.base.dtype == torch.bfloat16,
-            fp16=ctx.policy.base.dtype == torch.float16,
-            dataset_num_proc=None,
         )
         trainer = SFTTrainer(
             model=model,

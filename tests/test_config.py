@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
-import yaml
 
 from alignment.config import config_from_dict, load_config
 from alignment.errors import ConfigError

@@ -1,0 +1,63 @@
+"""The boundary with transformers/TRL trainers: shared arguments, and logging into metrics.jsonl + the console."""
+
+from __future__ import annotations
+
+from transformers import ProgressCallback, TrainerCallback
+
+from alignment.metrics import MetricsLogger
+
+
+class _ForwardLogs(TrainerCallback):
+    def __init__(self, logger: MetricsLogger):
+        self.logger = logger
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            metrics = {k: round(v, 6) if isinstance(v, float) else v for k, v in logs.items() if k != "total_flos"}
+            self.logger.log(state.global_step, metrics)
+
+
+class _QuietProgress(ProgressCallback):
+    """The trainer's progress bar without its raw dict printing (our logger prints one line instead)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return
+
+
+def trainer_callbacks(logger: MetricsLogger) -> list[TrainerCallback]:
+    return [_ForwardLogs(logger)]
+
+
+def use_console_progress(trainer) -> None:
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(_QuietProgress())
+
+
+def trl_args(cfg, ctx) -> dict:
+    """Keyword arguments every TRL trainer config takes, from a ``TrainingConfig`` and the stage context."""
+    import torch
+
+    dtype = ctx.policy.base.dtype
+    return dict(
+        output_dir=str(ctx.dir / "checkpoints"),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a value below 1 is a fraction of the steps
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        max_length=cfg.max_length,
+        logging_steps=ctx.pipeline.logging.log_every,
+        save_strategy="no",
+        report_to="none",
+        seed=ctx.seed,
+        data_seed=ctx.seed,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        dataset_num_proc=None,
+    )
