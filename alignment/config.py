@@ -14,7 +14,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -63,6 +63,8 @@ class LoggingConfig(Strict):
 
 class StageConfig(Strict):
     """Fields every stage has. A stage's own ``Config`` subclasses this and narrows ``kind``."""
+
+    uses_rollout: ClassVar[bool] = False  # online stages set True: only their results depend on `rollout`
 
     kind: str
     adapter: AdapterConfig | None = None  # overrides the top-level adapter for this stage
@@ -129,7 +131,7 @@ class PipelineConfig(Strict):
             "dtype": self.dtype,
             "trust_remote_code": self.trust_remote_code,
             "adapter": self.adapter_for(stage).model_dump(mode="json"),
-            "rollout": self.rollout_for(stage).model_dump(mode="json"),
+            "rollout": self.rollout_for(stage).model_dump(mode="json") if stage.uses_rollout else None,
             "stage": stage.model_dump(mode="json", exclude={"adapter", "rollout"}),
             "upstream": upstream,
         }

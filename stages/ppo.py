@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -21,6 +21,8 @@ from alignment.stage import StageContext, StageResult
 
 
 class PPOConfig(StageConfig):
+    uses_rollout: ClassVar[bool] = True
+
     kind: Literal["ppo"] = "ppo"
     prompts: DataSource = "toy:prompts"  # rows with a `prompt` column (chat `messages` are rendered with the template)
     columns: dict[str, str] = Field(default_factory=dict)

@@ -108,3 +108,23 @@ def test_registry_lists_builtins_and_rejects_non_stage():
         resolve_kind("tests.plugins.echo:EchoConfig")
     with pytest.raises(ConfigError, match="cannot import stage module"):
         resolve_kind("no_such_pkg.mod:Thing")
+
+
+def test_rollout_settings_only_rerun_online_stages(tmp_path, toy_dir):
+    make(tmp_path, toy_dir).run()
+    echo.CALLS.clear()
+    again = make(tmp_path, toy_dir, "rollout.sync=lora", "rollout.engine=hf", "logging.log_every=3").run()
+    assert echo.CALLS == [] and [s["status"] for s in again["stages"]] == ["skipped"] * 3
+    echo.CALLS.clear()
+    make(tmp_path, toy_dir, "seed=1").run()  # the seed does matter
+    assert echo.CALLS == ["s0", "s1", "s2"]
+
+
+def test_ppo_fingerprint_depends_on_rollout():
+    from alignment.config import config_from_dict
+
+    raw = {"name": "t", "stages": [{"kind": "sft"}, {"kind": "ppo", "reward": "toy_gold"}]}
+    a, _ = config_from_dict(raw)
+    b, _ = config_from_dict(raw, ["rollout.sync=lora"])
+    assert a.stage_fingerprint(0, "") == b.stage_fingerprint(0, "")
+    assert a.stage_fingerprint(1, "x") != b.stage_fingerprint(1, "x")
