@@ -279,6 +279,11 @@ class PPOStage:
             return model, Normalized(model, mean=0.0, std=1.0, clip=cfg.reward_clip)
         if cfg.reward_normalization == "fixed" and stats:
             return model, Normalized(model, mean=stats["mean"], std=stats["std"], clip=cfg.reward_clip)
+        if cfg.reward_normalization == "fixed":
+            from alignment.metrics import console
+
+            console.print(f"reward_normalization fixed: the {cfg.reward!r} reward has no training statistics; "
+                          "normalising with running statistics instead")
         return model, Normalized(model, clip=cfg.reward_clip)
 
     def _engine(self, ctx: StageContext):

@@ -95,3 +95,18 @@ def test_swap_ppo_for_dpo_is_one_override(ppo_run):
     assert summary["stages"][2]["kind"] == "dpo" and summary["stages"][2]["dir"] == "2-dpo"
     assert summary["stages"][2]["metrics"]["train_pairs"] == 1900  # the reward stage's preference data (5 % held out)
     assert summary["stages"][2]["metrics"]["gold_reward"] > summary["stages"][0]["metrics"]["gold_reward"]
+
+
+def test_ppo_with_the_toy_gold_reward_on_the_hf_engine(tmp_path):
+    cfg = tmp_path / "gold.yaml"
+    cfg.write_text(
+        f"name: gold\noutput_dir: {tmp_path}/runs\nrollout: {{engine: hf}}\nstages:\n"
+        "  - kind: sft\n    max_steps: 30\n"
+        "  - kind: ppo\n    reward: toy_gold\n    iterations: 3\n    batch_size: 8\n    minibatch_size: 4\n"
+    )
+    proc = run_cli("run", str(cfg))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no training statistics; normalising with running statistics instead" in proc.stderr
+    assert "rollout engine: hf (sync: shared)" in proc.stderr
+    stage = json.loads((tmp_path / "runs" / "gold" / "summary.json").read_text())["stages"][1]
+    assert stage["engine"] == "hf" and stage["status"] == "done" and "gold_reward" in stage["metrics"]
