@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from alignment.errors import ConfigError
 
@@ -110,7 +110,11 @@ class PipelineConfig(Strict):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     stages: list[Any] = Field(min_length=1)
 
-    source: str | None = Field(None, exclude=True)  # the YAML file it came from (not a config field)
+    _source: str | None = PrivateAttr(None)  # the YAML file it came from (not a config field)
+
+    @property
+    def source(self) -> str | None:
+        return self._source
 
     def adapter_for(self, stage: StageConfig) -> AdapterConfig:
         return stage.adapter or self.adapter
@@ -233,7 +237,7 @@ def config_from_dict(
     if problems:
         raise ConfigError(source, problems)
     config.stages = stages
-    config.source = source
+    config._source = source
     return config, warnings
 
 

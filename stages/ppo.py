@@ -314,8 +314,16 @@ class PPOStage:
         from safetensors.torch import save_file
 
         save_file({"weight": value_head.weight.detach().contiguous()}, str(folder / "value_head.safetensors"))
-        torch.save({"policy": policy_opt.state_dict(), "value": value_opt.state_dict()}, folder / "optimizers.pt")
-        atomic_write_json(folder / "state.json", {"iteration": iteration, "rng": random.getstate()[1][:4]})
+        torch.save(
+            {
+                "policy_optimizer": policy_opt.state_dict(),
+                "value_optimizer": value_opt.state_dict(),
+                "python_rng": random.getstate(),
+                "torch_rng": torch.get_rng_state(),
+            },
+            folder / "state.pt",
+        )
+        atomic_write_json(folder / "state.json", {"iteration": iteration})
 
 
 # ------------------------------------------------------------------------------------------ tensor helpers

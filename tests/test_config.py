@@ -154,3 +154,10 @@ def test_quickstart_runs_the_sft_rm_ppo_chain():
     chain, _ = load_config(REPO / "configs" / "sft_rm_ppo.yaml")
     assert [s.model_dump() for s in quick.stages] == [s.model_dump() for s in chain.stages]
     assert quick.adapter == chain.adapter and quick.rollout == chain.rollout
+
+
+def test_source_is_not_a_user_key():
+    with pytest.raises(ConfigError, match="source: unknown key"):
+        config_from_dict(base(source="x.yaml"))
+    cfg, _ = load_config(REPO / "configs" / "sft.yaml")
+    assert cfg.source.endswith("sft.yaml") and "source" not in cfg.resolved()
