@@ -16,6 +16,10 @@ BUILTIN_STAGES: dict[str, str] = {
     "reward": "stages.reward:RewardStage",
     "dpo": "stages.dpo:DPOStage",
     "ppo": "stages.ppo:PPOStage",
+    "grpo": "stages.grpo:GRPOStage",
+    "rloo": "stages.rloo:RLOOStage",
+    "kto": "stages.kto:KTOStage",
+    "orpo": "stages.orpo:ORPOStage",
 }
 
 

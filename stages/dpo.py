@@ -8,6 +8,7 @@ The reference is the frozen SFT policy (not the bare base): TRL 1.16, given a Pe
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -46,36 +47,14 @@ class DPOStage:
 
     def run(self, ctx: StageContext) -> StageResult:
         from datasets import Dataset
-        from safetensors.torch import load_file
         from trl import DPOConfig as TRLDPOConfig
         from trl import DPOTrainer
 
-        from alignment.data import preference_rows
-        from alignment.io import read_json
         from alignment.training import trainer_callbacks, trl_args, use_console_progress
 
         cfg, policy = self.config, ctx.policy
-        source = cfg.data
-        if source is None:
-            source = read_json(ctx.artifacts["preference_data"])["source"] if "preference_data" in ctx.artifacts else "toy:preference"
-        field = f"stages.{ctx.index}.data"
-        rows, dropped = preference_rows(source, cfg.columns, field, policy.tokenizer)
-        random.Random(ctx.seed).shuffle(rows)
-        if cfg.max_samples:
-            rows = rows[: cfg.max_samples]
-        if cfg.eval_data:
-            eval_rows, _ = preference_rows(cfg.eval_data, cfg.columns, f"stages.{ctx.index}.eval_data", policy.tokenizer)
-        else:
-            n_eval = int(len(rows) * cfg.eval_fraction)
-            eval_rows, rows = rows[:n_eval], rows[n_eval:]
-        keep = ("prompt", "chosen", "rejected")
-        rows = [{k: r[k] for k in keep} for r in rows]
-        eval_rows = [{k: r[k] for k in keep} for r in eval_rows]
-
-        sft_adapter = ctx.artifact("policy")
-        for name in (TRL_TRAINED, TRL_REFERENCE):
-            policy.delete_adapter(name)
-        policy.load_adapter(TRL_TRAINED, sft_adapter, trainable=True)
+        rows, eval_rows, dropped = preference_data(cfg, ctx)
+        sft_adapter = continue_policy_as_default(ctx)
         sft_scores = ctx.gold_scores()
 
         args = TRLDPOConfig(
@@ -96,43 +75,96 @@ class DPOStage:
             callbacks=trainer_callbacks(ctx.logger),
         )
         use_console_progress(trainer)
-        self._record_reference(ctx, rows[:4])
+        record_reference(ctx, rows[:4])
         output = trainer.train()
         policy.model.eval()
 
         metrics = {"train_loss": round(output.training_loss, 4), "train_pairs": len(rows), "dropped_pairs": dropped}
-        last = {k: v for entry in trainer.state.log_history for k, v in entry.items()}
-        for ours, theirs in (("reward_accuracy", "rewards/accuracies"), ("reward_margin", "rewards/margins")):
-            if theirs in last:
-                metrics[ours] = round(float(last[theirs]), 4)
-        if eval_rows:
-            evaluated = trainer.evaluate()
-            metrics["eval_loss"] = round(evaluated["eval_loss"], 4)
-            if "eval_rewards/accuracies" in evaluated:
-                metrics["eval_reward_accuracy"] = round(evaluated["eval_rewards/accuracies"], 4)
-        # The reference must still be exactly the SFT policy.
-        sft_weights = load_file(sft_adapter / "adapter_model.safetensors")
-        reference = {k.replace(f".{TRL_REFERENCE}.", "."): v for k, v in policy.adapter_state(TRL_REFERENCE).items()}
-        metrics["reference_max_abs_diff"] = max(
-            float((reference[k].float() - v.float()).abs().max()) for k, v in sft_weights.items()
-        )
-
-        target = ctx.dir / "adapters" / "policy"
-        policy.save_adapter(TRL_TRAINED, target)
-        for name in (TRL_REFERENCE, TRL_TRAINED):
-            policy.delete_adapter(name)
-        policy.load_adapter("policy", target)
+        metrics.update(trl_reward_metrics(trainer, bool(eval_rows)))
+        metrics["reference_max_abs_diff"] = reference_drift(policy, sft_adapter)
+        target = save_policy(ctx)
         metrics.update(ctx.gold_metrics(baseline=sft_scores))
         return StageResult(metrics=metrics, artifacts={"policy": ctx.relative(target)})
 
-    @staticmethod
-    def _record_reference(ctx: StageContext, sample: list[dict]) -> None:
-        """Log-probs of a few chosen answers under TRL's reference adapter (checked against the SFT model in tests)."""
-        from alignment.evaluation import completion_logprobs
-        from alignment.io import atomic_write_json
 
-        policy = ctx.policy
-        with policy.using(TRL_REFERENCE):
-            logps = completion_logprobs(policy.model, policy.tokenizer, [r["prompt"] for r in sample], [r["chosen"] for r in sample])
-        policy.activate(TRL_TRAINED, trainable=True)
-        atomic_write_json(ctx.dir / "reference_check.json", {"rows": sample, "reference_logprobs": logps})
+# ----------------------------------------------------------- shared with the other offline objectives (KTO, ORPO)
+
+
+def preference_data(cfg, ctx: StageContext) -> tuple[list[dict], list[dict], int]:
+    """(train rows, eval rows, dropped pairs) with prompt/chosen/rejected. Without ``cfg.data``: the reward stage's
+    preference data when the run has one, else toy:preference."""
+    from alignment.data import preference_rows
+    from alignment.io import read_json
+
+    policy = ctx.policy
+    source = cfg.data
+    if source is None:
+        source = read_json(ctx.artifacts["preference_data"])["source"] if "preference_data" in ctx.artifacts else "toy:preference"
+    rows, dropped = preference_rows(source, cfg.columns, f"stages.{ctx.index}.data", policy.tokenizer)
+    random.Random(ctx.seed).shuffle(rows)
+    if cfg.max_samples:
+        rows = rows[: cfg.max_samples]
+    if cfg.eval_data:
+        eval_rows, _ = preference_rows(cfg.eval_data, cfg.columns, f"stages.{ctx.index}.eval_data", policy.tokenizer)
+    else:
+        n_eval = int(len(rows) * cfg.eval_fraction)
+        eval_rows, rows = rows[:n_eval], rows[n_eval:]
+    keep = ("prompt", "chosen", "rejected")
+    return [{k: r[k] for k in keep} for r in rows], [{k: r[k] for k in keep} for r in eval_rows], dropped
+
+
+def continue_policy_as_default(ctx: StageContext) -> Path:
+    """Load the `policy` artifact as TRL's trained adapter (`default`); TRL then copies it into the frozen `ref`."""
+    policy = ctx.policy
+    sft_adapter = ctx.artifact("policy")
+    for name in (TRL_TRAINED, TRL_REFERENCE):
+        policy.delete_adapter(name)
+    policy.load_adapter(TRL_TRAINED, sft_adapter, trainable=True)
+    return sft_adapter
+
+
+def reference_drift(policy, sft_adapter: Path) -> float:
+    """Max |TRL's `ref` adapter - the SFT adapter on disk|: the reference must still be exactly the SFT policy."""
+    from safetensors.torch import load_file
+
+    sft_weights = load_file(sft_adapter / "adapter_model.safetensors")
+    reference = {k.replace(f".{TRL_REFERENCE}.", "."): v for k, v in policy.adapter_state(TRL_REFERENCE).items()}
+    return max(float((reference[k].float() - v.float()).abs().max()) for k, v in sft_weights.items())
+
+
+def save_policy(ctx: StageContext) -> Path:
+    """Save TRL's `default` as this stage's `policy` artifact and leave only `policy` on the shared base."""
+    policy = ctx.policy
+    target = ctx.dir / "adapters" / "policy"
+    policy.save_adapter(TRL_TRAINED, target)
+    for name in (TRL_REFERENCE, TRL_TRAINED):
+        policy.delete_adapter(name)
+    policy.load_adapter("policy", target)
+    return target
+
+
+def trl_reward_metrics(trainer, evaluate: bool) -> dict[str, float]:
+    """TRL's implicit-reward accuracy and margin (last logged values), and the eval loss/accuracy when evaluated."""
+    metrics = {}
+    last = {k: v for entry in trainer.state.log_history for k, v in entry.items()}
+    for ours, theirs in (("reward_accuracy", "rewards/accuracies"), ("reward_margin", "rewards/margins")):
+        if theirs in last:
+            metrics[ours] = round(float(last[theirs]), 4)
+    if evaluate:
+        evaluated = trainer.evaluate()
+        metrics["eval_loss"] = round(evaluated["eval_loss"], 4)
+        if "eval_rewards/accuracies" in evaluated:
+            metrics["eval_reward_accuracy"] = round(evaluated["eval_rewards/accuracies"], 4)
+    return metrics
+
+
+def record_reference(ctx: StageContext, sample: list[dict]) -> None:
+    """Log-probs of a few chosen answers under TRL's reference adapter (checked against the SFT model in tests)."""
+    from alignment.evaluation import completion_logprobs
+    from alignment.io import atomic_write_json
+
+    policy = ctx.policy
+    with policy.using(TRL_REFERENCE):
+        logps = completion_logprobs(policy.model, policy.tokenizer, [r["prompt"] for r in sample], [r["chosen"] for r in sample])
+    policy.activate(TRL_TRAINED, trainable=True)
+    atomic_write_json(ctx.dir / "reference_check.json", {"rows": sample, "reference_logprobs": logps})

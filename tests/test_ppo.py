@@ -10,7 +10,7 @@ from alignment.config import AdapterConfig
 from alignment.policy import SharedPolicy
 from alignment.rollout import Sampling
 from alignment.rollout.hf import HFEngine
-from stages.ppo import _logprobs, _pack, _sync_diff
+from stages.online import pack, sync_diff, token_logprobs
 from tests.conftest import REPO, run_cli
 
 
@@ -42,10 +42,10 @@ def test_sync_check_small_when_in_sync_and_large_when_stale(sft_run):
     engine = HFEngine(policy)
     torch.manual_seed(0)
     rollout = engine.generate(["review of the soup in paris :"] * 8, Sampling(max_new_tokens=12))
-    seq = _pack(rollout, policy.tokenizer.pad_token_id, policy.base.device)
+    seq = pack(rollout, policy.tokenizer.pad_token_id, policy.base.device)
     with torch.no_grad():
-        fresh, _ = _logprobs(policy, "policy", seq, 1.0)
-    in_sync = _sync_diff(rollout, fresh, seq["response_mask"])
+        fresh, _ = token_logprobs(policy, "policy", seq, 1.0)
+    in_sync = sync_diff(rollout, fresh, seq["response_mask"])
     assert in_sync[0] < 1e-3
     saved = policy.adapter_state("policy")
     try:
@@ -53,8 +53,8 @@ def test_sync_check_small_when_in_sync_and_large_when_stale(sft_run):
             for n, p in policy.model.named_parameters():
                 if ".policy." in n and "lora_B" in n:
                     p.add_(torch.randn_like(p) * 0.5)
-            stale, _ = _logprobs(policy, "policy", seq, 1.0)
-        assert _sync_diff(rollout, stale, seq["response_mask"])[0] > 0.1
+            stale, _ = token_logprobs(policy, "policy", seq, 1.0)
+        assert sync_diff(rollout, stale, seq["response_mask"])[0] > 0.1
     finally:
         from peft import set_peft_model_state_dict
 

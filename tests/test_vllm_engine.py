@@ -7,7 +7,7 @@ import torch
 
 from alignment.policy import SharedPolicy
 from alignment.rollout import Sampling
-from stages.ppo import _logprobs, _pack, _sync_diff
+from stages.online import pack, sync_diff, token_logprobs
 
 vllm = pytest.importorskip("vllm")
 
@@ -17,10 +17,10 @@ SAMPLE = Sampling(max_new_tokens=16, temperature=1.0)
 
 
 def diff(policy, rollout):
-    seq = _pack(rollout, policy.tokenizer.pad_token_id, policy.base.device)
+    seq = pack(rollout, policy.tokenizer.pad_token_id, policy.base.device)
     with torch.no_grad():
-        trainer, _ = _logprobs(policy, "policy", seq, 1.0)
-    return _sync_diff(rollout, trainer, seq["response_mask"])[0]
+        trainer, _ = token_logprobs(policy, "policy", seq, 1.0)
+    return sync_diff(rollout, trainer, seq["response_mask"])[0]
 
 
 @pytest.fixture(scope="module")

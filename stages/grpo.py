@@ -1,0 +1,136 @@
+"""GRPO: G completions per prompt, advantages relative to the group, no critic (Shao et al. 2024).
+
+    policy     the `policy` adapter (from SFT), trained here
+    reference  a frozen copy of the SFT `policy` adapter; KL(policy || reference) enters the loss (k3), not the reward
+    reward     the reward stage's model (or any reward_models kind), as in PPO
+
+Rollouts, scoring, the reference, the sync check, logging and checkpoints are PPO's (stages/online.py); only
+steps 3 and 4 differ. RLOO (stages/rloo.py) is this loop with a leave-one-out baseline.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import Field
+
+from alignment.stage import StageContext, StageResult
+from stages.online import OnlineConfig, OnlineRun, mean_stats, pack, requires, token_logprobs
+
+
+class GroupConfig(OnlineConfig):
+    """Fields of the critic-free group stages (GRPO, RLOO)."""
+
+    group_size: int = Field(4, ge=2)  # completions sampled per prompt
+    batch_size: int = Field(8, ge=1)  # prompts per iteration: batch_size * group_size completions
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    kl_coef: float = Field(0.05, ge=0.0)  # weight of KL(policy || reference) in the loss; 0 drops the reference pass
+
+
+class GRPOConfig(GroupConfig):
+    kind: Literal["grpo"] = "grpo"
+    scale_rewards: bool = True  # divide by the group's std (False: Dr. GRPO's unscaled advantages)
+
+
+class GRPOStage:
+    """GRPO: group-relative advantages, clipped surrogate, KL to the frozen SFT policy in the loss, no critic."""
+
+    Config = GRPOConfig
+
+    def __init__(self, config: GRPOConfig):
+        self.config = config
+
+    @classmethod
+    def requires(cls, config: GRPOConfig) -> set[str]:
+        return requires(config)
+
+    @classmethod
+    def produces(cls, config: GRPOConfig) -> set[str]:
+        return {"policy"}
+
+    def advantages(self, scores):
+        """(B,) sequence scores grouped by prompt -> (B,) advantages."""
+        from alignment.algorithms.group import grpo_advantages
+
+        return grpo_advantages(scores, self.config.group_size, scale=self.config.scale_rewards)
+
+    def run(self, ctx: StageContext) -> StageResult:
+        import torch
+
+        from alignment.algorithms.ppo import kl_estimate, masked_mean, policy_loss
+
+        cfg, policy = self.config, ctx.policy
+        run = OnlineRun(ctx, cfg)  # trainable `policy`, frozen SFT `reference`, reward model
+        run.start_engine()
+        params = run.policy_parameters
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
+        G = cfg.group_size
+
+        for iteration in range(1, cfg.iterations + 1):
+            # 1. rollout: G completions for each prompt of the batch (a prompt's completions are adjacent)
+            prompts = run.next_prompts(cfg.batch_size)
+            rollout = run.generate([p for p in prompts for _ in range(G)])
+
+            # 2. score; log-probs of the policy that sampled and of the reference
+            raw_scores, scores, finished = run.score(rollout)
+            seq = pack(rollout, policy.tokenizer.pad_token_id, policy.base.device)
+            mask = seq["response_mask"]
+            with torch.no_grad():
+                old_logprobs, _ = token_logprobs(policy, "policy", seq, cfg.temperature)
+                ref_logprobs = token_logprobs(policy, "reference", seq, cfg.temperature)[0] if cfg.kl_coef else None
+
+            # 3. advantages relative to the group, one per completion, the same for each of its tokens
+            advantages = self.advantages(scores).to(mask.device)[:, None] * mask
+
+            # 4. K epochs x minibatches: clipped surrogate + kl_coef * KL(policy || reference), early stop on approx_kl
+            t0 = time.time()
+            stats: dict[str, list[float]] = {"pg_loss": [], "kl_loss": [], "clipfrac": [], "approx_kl": [], "entropy": []}
+            stop = False
+            for _ in range(cfg.ppo_epochs):
+                for mb in torch.randperm(len(rollout.prompts)).split(cfg.minibatch_size):
+                    sub = {k: v[mb] for k, v in seq.items()}
+                    m = mask[mb]
+                    with policy.using("policy"):
+                        logprobs, entropy = token_logprobs(policy, "policy", sub, cfg.temperature, with_entropy=True)
+                        pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.clip_range)
+                        kl_loss = (masked_mean(kl_estimate(logprobs, ref_logprobs[mb], cfg.kl_estimator), m)
+                                   if cfg.kl_coef else torch.zeros(()))
+                        mean_entropy = masked_mean(entropy, m)
+                        (pg_loss + cfg.kl_coef * kl_loss - cfg.entropy_coef * mean_entropy).backward()
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    for k, v in (("pg_loss", pg_loss.item()), ("kl_loss", kl_loss.item()), ("entropy", mean_entropy.item()),
+                                 ("clipfrac", pg_stats["clipfrac"]), ("approx_kl", pg_stats["approx_kl"])):
+                        stats[k].append(v)
+                    if cfg.target_kl is not None and pg_stats["approx_kl"] > cfg.target_kl:
+                        stop = True
+                        break
+                if stop:
+                    break
+            run.timing["train"] += time.time() - t0
+            run.sync()
+
+            # 5. log
+            groups = raw_scores.view(-1, G)
+            kl = kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator) if cfg.kl_coef else torch.zeros_like(mask)
+            kl_per_seq = (kl * mask).sum(1).mean().item()
+            metrics = {
+                "reward": raw_scores.mean().item(),
+                "reward_normalized": scores.mean().item(),
+                "reward_std_in_group": groups.std(dim=1).mean().item(),
+                "groups_without_signal": (groups.std(dim=1) < 1e-6).float().mean().item(),
+                "kl": kl_per_seq,
+                **mean_stats(stats),
+                "response_length": mask.sum(1).float().mean().item(),
+                "finished": finished.mean().item(),
+                "early_stopped": float(stop),
+            }
+            run.log(iteration, metrics, rollout, old_logprobs, mask)
+            if iteration % cfg.checkpoint_every == 0:
+                run.checkpoint(iteration, ("policy",), {}, {"policy": optimizer})
+
+        final = {"reward": round(raw_scores.mean().item(), 4), "kl": round(kl_per_seq, 4)}
+        metrics, artifacts = run.finish(final)
+        return run.result(metrics, artifacts)

@@ -1,0 +1,127 @@
+"""KTO (Ethayarajh et al. 2024) on TRL's KTOTrainer, continuing the `policy` adapter against the frozen SFT policy.
+
+KTO learns from unpaired thumbs-up / thumbs-down examples. Data: rows with `prompt`, `completion` and a boolean
+`label` (true = desirable), or preference pairs (`prompt`/`chosen`/`rejected`, the default), which are split into one
+desirable and one undesirable example each. The reference is made exactly as in DPO (stages/dpo.py): our `policy`
+adapter is loaded as TRL's `default` and TRL copies it into the frozen `ref` adapter.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from alignment.config import DataSource, TrainingConfig
+from alignment.stage import StageContext, StageResult
+from stages.dpo import continue_policy_as_default, preference_data, reference_drift, save_policy, trl_reward_metrics
+
+
+class KTOConfig(TrainingConfig):
+    kind: Literal["kto"] = "kto"
+    data: DataSource | None = None  # default: the reward stage's preference data if there is one, else toy:preference
+    beta: float = Field(0.1, gt=0)
+    desirable_weight: float = Field(1.0, gt=0)  # raise when desirable examples are rarer than undesirable ones
+    undesirable_weight: float = Field(1.0, gt=0)
+    learning_rate: float = Field(5e-4, gt=0)
+    batch_size: int = Field(16, ge=2)  # KTO's KL reference point is estimated from mismatched pairs within a batch
+
+
+class KTOStage:
+    """KTO (TRL KTOTrainer) on unpaired desirable/undesirable examples, against the frozen SFT policy."""
+
+    Config = KTOConfig
+
+    def __init__(self, config: KTOConfig):
+        self.config = config
+
+    @classmethod
+    def requires(cls, config: KTOConfig) -> set[str]:
+        return {"policy"}
+
+    @classmethod
+    def produces(cls, config: KTOConfig) -> set[str]:
+        return {"policy"}
+
+    def run(self, ctx: StageContext) -> StageResult:
+        from datasets import Dataset
+        from trl import KTOConfig as TRLKTOConfig
+        from trl import KTOTrainer
+
+        from alignment.training import trainer_callbacks, trl_args, use_console_progress
+
+        cfg, policy = self.config, ctx.policy
+        rows, eval_rows = self._examples(ctx)
+        sft_adapter = continue_policy_as_default(ctx)
+        sft_scores = ctx.gold_scores()
+        args = TRLKTOConfig(
+            **trl_args(cfg, ctx),
+            beta=cfg.beta,
+            desirable_weight=cfg.desirable_weight,
+            undesirable_weight=cfg.undesirable_weight,
+            eval_strategy="no",
+        )
+        trainer = KTOTrainer(
+            model=policy.model,
+            ref_model=None,  # TRL copies `default` (our SFT policy) into the frozen `ref` adapter
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+            processing_class=policy.tokenizer,
+            callbacks=trainer_callbacks(ctx.logger),
+        )
+        use_console_progress(trainer)
+        output = trainer.train()
+        policy.model.eval()
+
+        desirable = sum(r["label"] for r in rows)
+        metrics = {"train_loss": round(output.training_loss, 4), "train_desirable": desirable,
+                   "train_undesirable": len(rows) - desirable}
+        metrics.update(trl_reward_metrics(trainer, bool(eval_rows)))
+        metrics["reference_max_abs_diff"] = reference_drift(policy, sft_adapter)
+        target = save_policy(ctx)
+        metrics.update(ctx.gold_metrics(baseline=sft_scores))
+        return StageResult(metrics=metrics, artifacts={"policy": ctx.relative(target)})
+
+    def _examples(self, ctx: StageContext) -> tuple[list[dict], list[dict]]:
+        """Unpaired (prompt, completion, label) rows: as given, or two per preference pair."""
+        from alignment.data import load_rows
+        from alignment.errors import UserError
+
+        cfg = self.config
+        if cfg.data is not None:
+            sample = load_rows(cfg.data, cfg.columns, f"stages.{ctx.index}.data")
+            if {"prompt", "completion", "label"} <= set(sample[0]):
+                return self._unpaired(sample, ctx), (self._unpaired(load_rows(cfg.eval_data, cfg.columns,
+                                                     f"stages.{ctx.index}.eval_data"), ctx) if cfg.eval_data else [])
+            if "label" in sample[0] or "completion" in sample[0]:
+                raise UserError(f"stages.{ctx.index}.data: unpaired KTO data needs prompt, completion and label columns; "
+                                f"columns found: {', '.join(sorted(sample[0]))}")
+        rows, eval_rows, _ = preference_data(cfg, ctx)
+        return _unpair(rows), _unpair(eval_rows)
+
+    def _unpaired(self, rows: list[dict], ctx: StageContext) -> list[dict]:
+        import random
+
+        from alignment.errors import UserError
+
+        out = []
+        for i, r in enumerate(rows):
+            label = r["label"]
+            if isinstance(label, str) and label.lower() in ("true", "false", "1", "0", "yes", "no"):
+                label = label.lower() in ("true", "1", "yes")
+            if not isinstance(label, bool) and label not in (0, 1):
+                raise UserError(f"stages.{ctx.index}.data: row {i}: label must be true/false (desirable or not), "
+                                f"got {r['label']!r}")
+            out.append({"prompt": str(r["prompt"]), "completion": str(r["completion"]), "label": bool(label)})
+        random.Random(ctx.seed).shuffle(out)
+        return out[: self.config.max_samples] if self.config.max_samples else out
+
+
+def _unpair(pairs: list[dict]) -> list[dict]:
+    """Each preference pair -> a desirable (chosen) and an undesirable (rejected) example."""
+    out = []
+    for r in pairs:
+        out.append({"prompt": r["prompt"], "completion": r["chosen"], "label": True})
+        out.append({"prompt": r["prompt"], "completion": r["rejected"], "label": False})
+    return out

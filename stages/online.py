@@ -1,0 +1,306 @@
+"""What the online stages (PPO, GRPO, RLOO) share: config fields, the rollout engine, the reward, the frozen SFT
+reference, log-probs over packed sequences, the sync check, logging, checkpoints and the final metrics.
+
+Each stage keeps its own loop (numbered steps, CleanRL style) and calls these parts; only the advantage and the
+loss differ between them.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from alignment.config import DataSource, StageConfig
+from alignment.stage import StageContext, StageResult
+
+
+class OnlineConfig(StageConfig):
+    """Fields every online stage has (PPO, GRPO, RLOO)."""
+
+    uses_rollout: ClassVar[bool] = True
+
+    prompts: DataSource = "toy:prompts"  # rows with a `prompt` column (chat `messages` are rendered with the template)
+    columns: dict[str, str] = Field(default_factory=dict)
+    reward: str = "trained"  # trained (the reward stage's model) | toy_gold | package.module:function
+    reward_normalization: Literal["fixed", "running", "none"] = "fixed"  # fixed: the reward model's training stats
+    reward_clip: float | None = Field(5.0, gt=0)
+    unfinished_penalty: float = Field(1.0, ge=0.0)  # subtracted from the score of responses that never end
+    iterations: int = Field(60, ge=1)
+    batch_size: int = Field(32, ge=1)  # prompts per iteration
+    minibatch_size: int = Field(16, ge=1)  # completions per optimiser step
+    ppo_epochs: int = Field(2, ge=1)  # optimisation passes over each batch (TRL: num_iterations)
+    learning_rate: float = Field(5e-4, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    clip_range: float = Field(0.2, gt=0)
+    entropy_coef: float = Field(0.0, ge=0.0)
+    kl_coef: float = Field(0.05, ge=0.0)
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    target_kl: float | None = Field(0.1, gt=0)  # early-stop the epochs when approx_kl exceeds it
+    max_new_tokens: int = Field(24, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1.0)
+    gold_eval_every: int = Field(10, ge=1)  # toy only
+    sync_check_every: int = Field(5, ge=1)
+    sync_warn_threshold: float = Field(0.1, gt=0)  # mean |logprob diff| per token that triggers a warning
+    checkpoint_every: int = Field(20, ge=1)
+
+
+class OnlineRun:
+    """One online stage's moving parts: trainable `policy`, frozen `reference` (the SFT policy), reward, engine.
+
+    The stage calls, per iteration: ``next_prompts`` -> ``generate`` -> ``score`` -> (its own maths) -> ``sync`` ->
+    ``log``; at the end ``finish``.
+    """
+
+    def __init__(self, ctx: StageContext, cfg: OnlineConfig):
+        from alignment.data import load_rows
+
+        self.ctx, self.cfg, self.policy = ctx, cfg, ctx.policy
+        rows = load_rows(cfg.prompts, cfg.columns, f"stages.{ctx.index}.prompts")
+        self.prompts = self._prompt_texts(rows)
+        self.policy.load_adapter("policy", ctx.artifact("policy"), trainable=True)
+        self.policy.freeze_copy("policy", "reference")
+        self.reward_model, self.normalized = self._reward_model()
+        self.engine = None  # started by start_engine(), after the stage has added its own adapters
+        self.rng = random.Random(ctx.seed)
+        self.order: list[int] = []
+        self.timing = {"generate": 0.0, "score": 0.0, "train": 0.0, "sync": 0.0}
+        self.sync_diffs: list[tuple[float, float]] = []
+        self.gold: dict = {}
+        self.samples = 0
+        self.start_time = time.time()
+
+    @property
+    def policy_parameters(self) -> list:
+        return [p for n, p in self.policy.model.named_parameters() if ".policy." in n]
+
+    def start_engine(self) -> None:
+        from alignment.metrics import console
+        from alignment.rollout import Sampling
+
+        self.engine = make_engine(self.ctx)
+        console.print(f"rollout engine: {self.engine.name} (sync: {self.engine.sync_mode})")
+        self.sampling = Sampling(self.cfg.max_new_tokens, self.cfg.temperature, self.cfg.top_p)
+        self.start_time = time.time()
+
+    # ------------------------------------------------------------------------------------------- per iteration
+
+    def next_prompts(self, n: int) -> list[str]:
+        """The next ``n`` prompts of a seeded shuffle, reshuffled each pass over the data."""
+        while len(self.order) < n:
+            self.order += self.rng.sample(range(len(self.prompts)), len(self.prompts))
+        batch, self.order = self.order[:n], self.order[n:]
+        return [self.prompts[i] for i in batch]
+
+    def generate(self, prompts: list[str]):
+        t0 = time.time()
+        rollout = self.engine.generate(prompts, self.sampling)
+        self.timing["generate"] += time.time() - t0
+        self.samples += len(prompts)
+        return rollout
+
+    def score(self, rollout):
+        """(raw scores (B,), normalised scores minus the unfinished penalty (B,), finished (B,))."""
+        import torch
+
+        t0 = time.time()
+        raw = self.reward_model.score(rollout.prompts, rollout.texts).float()
+        finished = torch.tensor(rollout.finished, dtype=torch.float32)
+        scores = self.normalized.normalize(raw) - self.cfg.unfinished_penalty * (1 - finished)
+        self.timing["score"] += time.time() - t0
+        return raw, scores, finished
+
+    def sync(self) -> None:
+        self.timing["sync"] += self.engine.sync(self.policy)
+
+    def log(self, iteration: int, metrics: dict, rollout, old_logprobs, mask) -> None:
+        """Adds the sync check (every ``sync_check_every``), the toy gold reward (every ``gold_eval_every``) and the
+        time split, then writes one line of metrics."""
+        from alignment.metrics import console
+
+        cfg = self.cfg
+        metrics.update({f"time_{k}": round(v, 3) for k, v in self.timing.items()})
+        if iteration % cfg.sync_check_every == 0 or iteration == 1:
+            diff = sync_diff(rollout, old_logprobs, mask)
+            if diff is not None:
+                self.sync_diffs.append(diff)
+                metrics.update(sync_logprob_diff_mean=diff[0], sync_logprob_diff_max=diff[1])
+                if diff[0] > cfg.sync_warn_threshold:
+                    console.print(f"[yellow]warning:[/yellow] engine and trainer log-probs differ by {diff[0]:.3f} "
+                                  "nats/token: a stale policy, a template or a dtype mismatch?")
+        if self.ctx.is_toy and (iteration % cfg.gold_eval_every == 0 or iteration == cfg.iterations):
+            with self.policy.using("policy"):
+                self.gold = self.ctx.gold_metrics()
+            metrics.update(self.gold)
+        self.ctx.logger.log(iteration, {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()})
+
+    # ----------------------------------------------------------------------------------------------- the end
+
+    def finish(self, metrics: dict, extra_adapters: tuple[str, ...] = ()) -> tuple[dict, dict]:
+        """Saves `policy` (and ``extra_adapters``), closes the engine, removes the reference; returns
+        (final metrics, artifacts)."""
+        wall = time.time() - self.start_time
+        artifacts = {}
+        for name in ("policy", *extra_adapters):
+            folder = self.ctx.dir / "adapters" / name
+            self.policy.save_adapter(name, folder)
+            artifacts[name] = self.ctx.relative(folder)
+        diffs = self.sync_diffs
+        result = {
+            **metrics,
+            "samples_per_s": round(self.samples / wall, 3),
+            "sync_logprob_diff_mean": round(sum(d[0] for d in diffs) / len(diffs), 7) if diffs else None,
+            "sync_logprob_diff_max": round(max(d[1] for d in diffs), 7) if diffs else None,
+            **{f"time_{k}_s": round(v, 2) for k, v in self.timing.items()},
+            **self.gold,
+        }
+        if hasattr(self.engine, "close"):
+            self.engine.close()
+        for name in ("reference", *extra_adapters):
+            self.policy.delete_adapter(name)
+        self.policy.activate("policy")
+        return result, artifacts
+
+    def result(self, metrics: dict, artifacts: dict) -> StageResult:
+        return StageResult(metrics=metrics, artifacts=artifacts,
+                           info={"engine": self.engine.name, "sync_mode": self.engine.sync_mode})
+
+    def checkpoint(self, iteration: int, adapters: tuple[str, ...], tensors: dict, optimizers: dict) -> None:
+        """Adapters, extra tensors (safetensors), optimiser states, Python and torch RNG states, the iteration."""
+        import torch
+        from safetensors.torch import save_file
+
+        from alignment.io import atomic_write_json
+
+        folder = self.ctx.dir / "checkpoints" / f"iter-{iteration:05d}"
+        for name in adapters:
+            self.policy.save_adapter(name, folder / name)
+        if tensors:
+            save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(folder / "tensors.safetensors"))
+        state = {f"{name}_optimizer": opt.state_dict() for name, opt in optimizers.items()}
+        state.update(python_rng=random.getstate(), torch_rng=torch.get_rng_state(), order_rng=self.rng.getstate())
+        torch.save(state, folder / "state.pt")
+        atomic_write_json(folder / "state.json", {"iteration": iteration})
+
+    # ------------------------------------------------------------------------------------------------ set-up
+
+    def _prompt_texts(self, rows: list[dict]) -> list[str]:
+        from alignment.errors import UserError
+
+        if "prompt" in rows[0]:
+            return [str(r["prompt"]) for r in rows]
+        if "messages" in rows[0]:
+            tok = self.policy.tokenizer
+            return [tok.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True) for r in rows]
+        raise UserError(f"stages.{self.ctx.index}.prompts: {self.cfg.prompts!r} needs a `prompt` or `messages` column; "
+                        f"columns found: {', '.join(sorted(rows[0]))}")
+
+    def _reward_model(self):
+        """The scorer, and it wrapped in normalisation: fixed from the reward model's training statistics when it
+        has them (else running), running, or none (clipping only)."""
+        from reward_models import Normalized, RuleReward, ToyGoldReward
+        from reward_models.trained import TrainedRewardModel
+
+        cfg = self.cfg
+        if cfg.reward == "trained":
+            model = TrainedRewardModel.load(self.ctx.artifact("reward_model"), policy=self.policy)
+        elif cfg.reward == "toy_gold":
+            model = ToyGoldReward()
+        else:
+            model = RuleReward(cfg.reward)
+        stats = getattr(model, "stats", None) or {}
+        if cfg.reward_normalization == "none":
+            return model, Normalized(model, mean=0.0, std=1.0, clip=cfg.reward_clip)
+        if cfg.reward_normalization == "fixed" and stats:
+            return model, Normalized(model, mean=stats["mean"], std=stats["std"], clip=cfg.reward_clip)
+        if cfg.reward_normalization == "fixed":
+            from alignment.metrics import console
+
+            console.print(f"reward_normalization fixed: the {cfg.reward!r} reward has no training statistics; "
+                          "normalising with running statistics instead")
+        return model, Normalized(model, clip=cfg.reward_clip)
+
+
+def requires(cfg: OnlineConfig) -> set[str]:
+    return {"policy", "reward_model"} if cfg.reward == "trained" else {"policy"}
+
+
+def make_engine(ctx: StageContext):
+    """`auto` takes vLLM when it is installed and supports the model, else HF, and says which and why."""
+    from alignment.metrics import console
+    from alignment.rollout.hf import HFEngine
+    from alignment.rollout.vllm import VLLMEngine, vllm_problem
+
+    choice, policy = ctx.rollout.engine, ctx.policy
+    if choice == "hf":
+        return HFEngine(policy)
+    if choice == "auto":
+        problem = vllm_problem(policy.base.config)
+        if problem:
+            console.print(f"rollout.engine auto: using the HF engine ({problem})")
+            return HFEngine(policy)
+    max_len = min(getattr(policy.base.config, "max_position_embeddings", 4096), 4096)
+    return VLLMEngine(policy, ctx.rollout.sync, ctx.rollout.memory_fraction, ctx.adapter.r, max_len, ctx.seed)
+
+
+# ------------------------------------------------------------------------------------------ tensor helpers
+
+
+def pack(rollout, pad_id: int, device):
+    """Right-padded prompt+response ids and, per response token, the index of the logit that predicts it.
+
+    Returns input_ids, attention_mask (B, L); response_ids, positions, response_mask (B, T).
+    """
+    import torch
+
+    full = [p + r for p, r in zip(rollout.prompt_ids, rollout.response_ids)]
+    L = max(len(x) for x in full)
+    T = max(1, max(len(r) for r in rollout.response_ids))
+    B = len(full)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, L), dtype=torch.long)
+    response_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    positions = torch.zeros((B, T), dtype=torch.long)
+    response_mask = torch.zeros((B, T), dtype=torch.float32)
+    for i, (p, r) in enumerate(zip(rollout.prompt_ids, rollout.response_ids)):
+        input_ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        attention[i, : len(p) + len(r)] = 1
+        response_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        positions[i, : len(r)] = torch.arange(len(p) - 1, len(p) - 1 + len(r))
+        response_mask[i, : len(r)] = 1
+    return {k: v.to(device) for k, v in dict(input_ids=input_ids, attention_mask=attention, response_ids=response_ids,
+                                              positions=positions, response_mask=response_mask).items()}
+
+
+def token_logprobs(policy, adapter: str, seq, temperature: float, with_entropy: bool = False):
+    """(B, T) log-probs of the response tokens (logits / temperature, as sampled) with ``adapter`` active."""
+    import torch
+
+    with policy.using(adapter) as model:
+        logits = model(input_ids=seq["input_ids"], attention_mask=seq["attention_mask"]).logits
+    index = seq["positions"][:, :, None].expand(-1, -1, logits.shape[-1])
+    logits = logits.gather(1, index).float() / temperature
+    logp = torch.log_softmax(logits, dim=-1)
+    chosen = logp.gather(-1, seq["response_ids"][:, :, None]).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1) if with_entropy else None
+    return chosen, entropy
+
+
+def sync_diff(rollout, trainer_logprobs, mask) -> tuple[float, float] | None:
+    """Mean and max |engine log-prob - trainer log-prob| over the sampled tokens, if the engine returned any."""
+    import torch
+
+    if not rollout.logprobs:
+        return None
+    engine = torch.zeros_like(trainer_logprobs)
+    for i, row in enumerate(rollout.logprobs):
+        engine[i, : len(row)] = torch.tensor(row, dtype=engine.dtype)
+    diff = (engine - trainer_logprobs).abs() * mask
+    return (diff.sum() / mask.sum().clamp(min=1)).item(), diff.max().item()
+
+
+def mean_stats(stats: dict[str, list[float]]) -> dict[str, float]:
+    return {k: sum(v) / len(v) for k, v in stats.items() if v}

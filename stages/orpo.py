@@ -1,0 +1,74 @@
+"""ORPO (Hong et al. 2024) on TRL's ORPOTrainer (``trl.experimental.orpo`` in TRL 1.16), continuing `policy`.
+
+ORPO needs no reference model: its loss is the NLL of the chosen answer plus ``beta`` times a log odds-ratio term
+that pushes the chosen answer's odds above the rejected one's. It can therefore start from the SFT adapter (as here)
+or from a bare base. Data as for DPO: prompt/chosen/rejected, by default the reward stage's preference data.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from alignment.config import DataSource, TrainingConfig
+from alignment.stage import StageContext, StageResult
+from stages.dpo import preference_data, trl_reward_metrics
+
+
+class ORPOConfig(TrainingConfig):
+    kind: Literal["orpo"] = "orpo"
+    data: DataSource | None = None  # default: the reward stage's preference data if there is one, else toy:preference
+    beta: float = Field(0.1, gt=0)  # weight of the odds-ratio term (TRL's ORPO `beta`, the paper's lambda)
+    learning_rate: float = Field(5e-4, gt=0)
+
+
+class ORPOStage:
+    """ORPO (TRL ORPOTrainer): NLL on the chosen answer + odds-ratio preference term; no reference model."""
+
+    Config = ORPOConfig
+
+    def __init__(self, config: ORPOConfig):
+        self.config = config
+
+    @classmethod
+    def requires(cls, config: ORPOConfig) -> set[str]:
+        return {"policy"}
+
+    @classmethod
+    def produces(cls, config: ORPOConfig) -> set[str]:
+        return {"policy"}
+
+    def run(self, ctx: StageContext) -> StageResult:
+        import os
+
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # we pin TRL; the experimental warning is not news
+        from datasets import Dataset
+        from trl.experimental.orpo import ORPOConfig as TRLORPOConfig
+        from trl.experimental.orpo import ORPOTrainer
+
+        from alignment.training import trainer_callbacks, trl_args, use_console_progress
+
+        cfg, policy = self.config, ctx.policy
+        rows, eval_rows, dropped = preference_data(cfg, ctx)
+        policy.load_adapter("policy", ctx.artifact("policy"), trainable=True)
+        sft_scores = ctx.gold_scores()
+        args = TRLORPOConfig(**trl_args(cfg, ctx), beta=cfg.beta, eval_strategy="no")
+        trainer = ORPOTrainer(
+            model=policy.model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+            processing_class=policy.tokenizer,
+            callbacks=trainer_callbacks(ctx.logger),
+        )
+        use_console_progress(trainer)
+        output = trainer.train()
+        policy.model.eval()
+
+        metrics = {"train_loss": round(output.training_loss, 4), "train_pairs": len(rows), "dropped_pairs": dropped}
+        metrics.update(trl_reward_metrics(trainer, bool(eval_rows)))
+        target = ctx.dir / "adapters" / "policy"
+        policy.save_adapter("policy", target)
+        metrics.update(ctx.gold_metrics(baseline=sft_scores))
+        return StageResult(metrics=metrics, artifacts={"policy": ctx.relative(target)})
