@@ -29,6 +29,21 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("stages", help="list stage kinds and their config fields")
 
+    report = sub.add_parser("report", help="write report.md, report.html and plots/ into a run folder")
+    report.add_argument("run_dir")
+
+    export = sub.add_parser("export", help="the final policy of a run: its peft adapter folder, or merged (--merge)")
+    export.add_argument("run_dir")
+    export.add_argument("--merge", metavar="OUT", help="write a plain transformers model folder (base + adapter merged)")
+    export.add_argument("--out", help="copy the adapter folder here (without --merge)")
+
+    gen = sub.add_parser("generate", help="sample from a run's final policy (or a model); no --prompt: read stdin")
+    gen.add_argument("source", help="a run folder (runs/<name>) or a model folder / hub id")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--engine", choices=("hf", "vllm"), default="hf")
+
     evaluate = sub.add_parser("eval", help="evaluate artifacts")
     what = evaluate.add_subparsers(dest="what", required=True)
     pairs = what.add_parser("pairs", help="pairwise accuracy of a reward model on preference pairs")
@@ -59,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
+    from alignment.errors import UserError
+
     if args.command == "stages":
         from rich.console import Console
 
@@ -80,6 +97,20 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "eval" and args.what == "pairs":
         return _eval_pairs(args)
+    if args.command == "report":
+        from alignment.report import write_report
+
+        print(write_report(Path(args.run_dir)))
+        return 0
+    if args.command == "export":
+        from alignment.export import export
+
+        if bool(args.merge) == bool(args.out):
+            raise UserError("export: give exactly one of --merge OUT (merged model) or --out DIR (adapter folder)")
+        print(export(Path(args.run_dir), Path(args.merge or args.out), merge=bool(args.merge)))
+        return 0
+    if args.command == "generate":
+        return _generate(args)
     from alignment.pipeline import Pipeline
 
     if args.command == "quickstart":
@@ -89,6 +120,23 @@ def _dispatch(args) -> int:
         Pipeline.from_yaml(args.config, args.overrides).run()
         return 0
     raise AssertionError(args.command)
+
+
+def _generate(args) -> int:
+    from alignment.export import Generator
+
+    generator = Generator(args.source, args.engine)
+    try:
+        if args.prompt:
+            for text in generator(args.prompt, args.max_new_tokens, args.temperature):
+                print(text.strip())
+            return 0
+        for line in sys.stdin:  # interactive: one prompt per line until EOF (Ctrl-D)
+            if line.strip():
+                print(generator([line.rstrip("\n")], args.max_new_tokens, args.temperature)[0].strip(), flush=True)
+        return 0
+    finally:
+        generator.close()
 
 
 def _eval_pairs(args) -> int:
