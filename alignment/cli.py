@@ -51,6 +51,16 @@ def _parser() -> argparse.ArgumentParser:
     pairs.add_argument("--data", required=True, help="pairs: prompt/chosen/rejected jsonl/json/csv/parquet, toy:...")
     pairs.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
     pairs.add_argument("--batch-size", type=int, default=64)
+    pol = what.add_parser("policy", help="a policy (run folder, exported model or model id) on chosen measures")
+    pol.add_argument("source", help="a run folder (its final policy), a model folder or a hub id")
+    pol.add_argument("--reward", help="reward model folder: mean reward of the policy's greedy answers")
+    pol.add_argument("--prompts", help="prompts for --reward/--against (default on the toy: the gold evaluator's)")
+    pol.add_argument("--against", help="another policy (same forms as SOURCE): win rate of SOURCE against it")
+    pol.add_argument("--perplexity", help="a UTF-8 text file: perplexity over its lines")
+    pol.add_argument("--tasks", nargs="+", help="classification data (toy:task/<name> or files): accuracy")
+    pol.add_argument("--gold", action="store_true", help="also run the toy gold evaluator (automatic for `toy` runs)")
+    pol.add_argument("--max-new-tokens", type=int, default=24)
+    pol.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
     return parser
 
 
@@ -95,8 +105,8 @@ def _dispatch(args) -> int:
             print(f"warning: {w}", file=sys.stderr)
         print(f"{args.config}: ok ({len(config.stages)} stages: {' -> '.join(s.kind for s in config.stages)})")
         return 0
-    if args.command == "eval" and args.what == "pairs":
-        return _eval_pairs(args)
+    if args.command == "eval":
+        return _eval(args)
     if args.command == "report":
         from alignment.report import write_report
 
@@ -139,8 +149,9 @@ def _generate(args) -> int:
         generator.close()
 
 
-def _eval_pairs(args) -> int:
+def _eval(args) -> int:
     # reward_models sits above the core: reach it through an import string, like the stage registry does
     import importlib
 
-    return importlib.import_module("reward_models.evaluate").eval_pairs_command(args)
+    module = importlib.import_module("reward_models.evaluate")
+    return module.eval_pairs_command(args) if args.what == "pairs" else module.eval_policy_command(args)

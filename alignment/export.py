@@ -71,6 +71,7 @@ class Generator:
         model_ref, adapter = final_policy(path) if (path / "summary.json").is_file() else (source, None)
         if adapter is not None and _is_full_model(adapter):
             model_ref, adapter = str(adapter), None
+        self.model_ref = model_ref
         if adapter is None:  # our engines sample the `policy` adapter: give a plain model an empty (zero) one
             from alignment.config import AdapterConfig
 

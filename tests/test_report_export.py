@@ -64,3 +64,35 @@ def test_adapter_export_and_bad_folders(sft_run, tmp_path):
     assert proc.returncode == 2 and "not a run folder (no summary.json)" in proc.stderr
     proc = run_cli("export", str(run_dir), "--out", str(tmp_path / "adapter"))
     assert proc.returncode == 2 and "exists and is not empty" in proc.stderr
+
+
+def test_eval_policy_on_a_run(reward_run, tmp_path):
+    _, summary, run_dir = reward_run
+    text = tmp_path / "text.txt"
+    text.write_text("review of the soup in rome : the soup was good .\nreview of the bus in oslo : the bus was slow .\n")
+    out = tmp_path / "eval.json"
+    proc = run_cli("eval", "policy", str(run_dir), "--reward", str(run_dir / "1-reward" / "reward_model"),
+                   "--against", str(run_dir), "--perplexity", str(text), "--tasks", "toy:task/sentiment",
+                   "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["gold_reward"] == summary["stages"][0]["metrics"]["gold_reward"]  # the same evaluator as the run
+    assert result["win_rate"] == 0.5 and result["win_rate_judge"] == "reward model"  # against itself: all ties
+    assert isinstance(result["mean_reward"], float) and 1.0 < result["perplexity"] < 100.0
+    assert 0.0 <= result["accuracy/sentiment"] <= 1.0
+    proc = run_cli("eval", "policy", str(run_dir), "--perplexity", str(tmp_path / "missing.txt"))
+    assert proc.returncode == 2 and "--perplexity: cannot read" in proc.stderr
+
+
+def test_wandb_logs_every_stage_into_one_group_offline(tmp_path):
+    cfg = tmp_path / "w.yaml"
+    cfg.write_text(f"name: wgroup\noutput_dir: {tmp_path}/runs\nlogging: {{report_to: [wandb], log_every: 1}}\n"
+                   "stages:\n  - kind: sft\n    max_steps: 3\n  - kind: dpo\n    max_steps: 2\n    sft_weight: 1.0\n")
+    proc = run_cli("run", str(cfg), env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for stage in ("0-sft", "1-dpo"):
+        files = list((tmp_path / "runs" / "wgroup" / stage / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert len(files) == 1, stage
+        record = files[0].read_bytes()  # wandb's offline log (protobuf records): the names are stored verbatim
+        assert b"wgroup" in record and f"wgroup/{stage}".encode() in record  # group = run name, one run per stage
+        assert b"gold_reward" in record and b"learning_rate" in record  # final metrics and the stage's config
