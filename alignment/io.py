@@ -1,4 +1,9 @@
-"""Atomic file writes: every artifact, metrics file and marker goes to a temporary name, then is renamed."""
+"""Atomic file writes: every artifact, metrics file and marker goes to a temporary name, then is renamed.
+
+In a multi-process run, writes under a folder registered with ``main_process_writes`` happen on rank 0 only (the
+other ranks train the same model on other data shards and must not race it); ``atomic_dir`` then waits for every
+rank, so a folder written by rank 0 is complete before any rank reads it.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,39 @@ from pathlib import Path
 from typing import Any, Iterable
 
 
+_MAIN_ONLY: list[Path] = []  # folders that only rank 0 writes in a multi-process run
+
+
+@contextlib.contextmanager
+def main_process_writes(root: Path):
+    _MAIN_ONLY.append(Path(root).resolve())
+    try:
+        yield
+    finally:
+        _MAIN_ONLY.pop()
+
+
+def _guarded(path: Path) -> bool:
+    """True when ``path`` is in a rank-0-only folder of a multi-process run."""
+    from alignment import distributed
+
+    if distributed.world_size() == 1 or not _MAIN_ONLY:
+        return False
+    resolved = Path(path).resolve()
+    return any(resolved == root or root in resolved.parents for root in _MAIN_ONLY)
+
+
+def skip_write(path: Path) -> bool:
+    """True on ranks other than 0 for paths in a rank-0-only folder: the caller writes nothing."""
+    from alignment import distributed
+
+    return _guarded(path) and not distributed.is_main()
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
+    if skip_write(path):
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -41,7 +77,18 @@ def read_json(path: Path) -> Any:
 @contextlib.contextmanager
 def atomic_dir(path: Path):
     """Yield a temporary folder beside ``path``; if the block succeeds it replaces ``path``, else it is removed."""
+    from alignment import distributed
+
     path = Path(path)
+    guarded = _guarded(path)
+    if guarded and not distributed.is_main():  # build it in a scratch folder nobody reads, then wait for rank 0
+        tmp = Path(tempfile.mkdtemp(prefix="alignment-rank-scratch-"))
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        distributed.barrier()
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
@@ -52,3 +99,5 @@ def atomic_dir(path: Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if guarded:
+        distributed.barrier()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,11 @@ class MetricsLogger:
         self.label = label
         self.wandb_run = wandb_run
         self.start = time.time()
+        from alignment.io import skip_write
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a", encoding="utf-8")
+        # in a multi-process run only rank 0 keeps metrics.jsonl
+        self._file = open(os.devnull, "w") if skip_write(self.path) else self.path.open("a", encoding="utf-8")
 
     def log(self, step: int, metrics: dict[str, Any], echo: bool = True) -> None:
         clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in metrics.items()}

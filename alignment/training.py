@@ -29,8 +29,21 @@ def trainer_callbacks(logger: MetricsLogger) -> list[TrainerCallback]:
 
 
 def use_console_progress(trainer) -> None:
+    """Our console line instead of the trainer's dict printing; in a multi-process run, each rank also reports
+    how many (and which) training examples it saw, when training ends."""
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_QuietProgress())
+    recorder = record_shard(trainer)
+    if recorder is not None:
+        trainer.add_callback(_ReportShard(recorder))
+
+
+class _ReportShard(TrainerCallback):
+    def __init__(self, recorder):
+        self.recorder = recorder
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.recorder.report()
 
 
 def trl_args(cfg, ctx) -> dict:
@@ -61,3 +74,38 @@ def trl_args(cfg, ctx) -> dict:
         fp16=dtype == torch.float16,
         dataset_num_proc=None,
     )
+
+
+class ShardRecorder:
+    """Wraps a trainer's data collator to count and fingerprint the training examples this rank sees."""
+
+    def __init__(self, collator):
+        import hashlib
+
+        self.collator, self.count, self.digest = collator, 0, hashlib.sha256()
+
+    def __call__(self, examples):
+        self.count += len(examples)
+        for example in examples:
+            self.digest.update(repr(example.get("input_ids", example)).encode())
+        return self.collator(examples)
+
+    def report(self) -> None:
+        """One line per rank (every rank prints it): proof that the ranks trained on different shards."""
+        import sys
+
+        from alignment import distributed
+
+        print(f"rank {distributed.rank()}/{distributed.world_size()}: trained on {self.count} examples "
+              f"(digest {self.digest.hexdigest()[:12]})", file=sys.stderr, flush=True)
+
+
+def record_shard(trainer) -> ShardRecorder | None:
+    """In a multi-process run, record what this rank trains on (call before ``trainer.train()``)."""
+    from alignment import distributed
+
+    if distributed.world_size() == 1:
+        return None
+    recorder = ShardRecorder(trainer.data_collator)
+    trainer.data_collator = recorder
+    return recorder

@@ -56,8 +56,13 @@ class OnlineRun:
     """
 
     def __init__(self, ctx: StageContext, cfg: OnlineConfig):
+        from alignment import distributed
         from alignment.data import load_rows
+        from alignment.errors import UserError
 
+        if distributed.world_size() > 1:
+            raise UserError(f"stages.{ctx.index}: online stages ({cfg.kind}) run in one process; launch this run "
+                            "without accelerate (rollouts scale through vLLM, see docs/multi_gpu.md)")
         self.ctx, self.cfg, self.policy = ctx, cfg, ctx.policy
         rows = load_rows(cfg.prompts, cfg.columns, f"stages.{ctx.index}.prompts")
         self.prompts = self._prompt_texts(rows)

@@ -51,7 +51,13 @@ class RewardStage:
         from alignment.io import atomic_write_json
         from reward_models.trained import new_score_head, save_reward_model, sequence_rewards
 
+        from alignment import distributed
+        from alignment.metrics import console
+
         cfg, policy = self.config, ctx.policy
+        if distributed.world_size() > 1:
+            console.print("[yellow]warning:[/yellow] the reward stage is not data parallel yet: every process trains "
+                          "the same model on all the data (rank 0 writes it)")
         rows, dropped = preference_rows(cfg.data, cfg.columns, f"stages.{ctx.index}.data", policy.tokenizer)
         rng = random.Random(ctx.seed)
         rng.shuffle(rows)

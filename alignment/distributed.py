@@ -1,0 +1,36 @@
+"""Multi-process runs (``accelerate launch`` / ``torchrun``): every rank trains, rank 0 alone writes the run folder.
+
+accelerate (DDP, DeepSpeed, FSDP) does the distributed work inside TRL's trainers; this module only knows the rank
+and offers a barrier so that no rank reads an artifact before rank 0 has finished writing it.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def start() -> None:
+    """Join the process group (accelerate picks gloo on CPU, NCCL on GPUs) when launched with several processes."""
+    if world_size() > 1:
+        from accelerate import PartialState
+
+        PartialState()
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()

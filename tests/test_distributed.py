@@ -1,0 +1,53 @@
+"""Multi-process training through accelerate: 2 CPU processes (gloo), data parallel, rank 0 alone writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+ACCELERATE_CONFIGS = sorted((REPO / "configs" / "accelerate").glob("*.yaml"))
+
+
+def test_two_process_sft_and_dpo_shard_the_data_and_only_rank_0_writes(tmp_path, toy_dir):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "alignment", "run", str(REPO / "configs" / "sft_dpo.yaml"), "stages.0.max_steps=6",
+           "stages.1.max_steps=3", f"output_dir={tmp_path}", "name=ddp"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # no GPU here: accelerate's launcher starts 2 processes and they join a gloo process group
+    shards = re.findall(r"rank (\d)/2: trained on (\d+) examples \(digest (\w+)\)", proc.stderr)
+    by_stage = [shards[i : i + 2] for i in range(0, len(shards), 2)]
+    assert len(shards) == 4, proc.stderr[-3000:]  # SFT and DPO, both ranks
+    for pair in by_stage:
+        assert {r for r, _, _ in pair} == {"0", "1"} and all(int(n) > 0 for _, n, _ in pair)
+        assert pair[0][2] != pair[1][2]  # different examples on each rank
+    run = tmp_path / "ddp"
+    summary = json.loads((run / "summary.json").read_text())
+    assert [s["status"] for s in summary["stages"]] == ["done", "done"]
+    # rank 1 printed nothing and wrote nothing: one console line per stage, one metrics line per logged step
+    assert proc.stderr.count("stage 0 (sft) done") == 1 and proc.stderr.count("stage 1 (dpo) done") == 1
+    for stage in ("0-sft", "1-dpo"):
+        records = [json.loads(x) for x in (run / stage / "metrics.jsonl").read_text().splitlines()]
+        assert len({(r["step"], tuple(sorted(r))) for r in records}) == len(records)  # no record written twice
+        assert (run / stage / "adapters" / "policy" / "adapter_model.safetensors").is_file()
+    assert not list(run.rglob(".*.tmp")) and not list(Path("/tmp").glob("alignment-rank-scratch-*"))
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_shipped_accelerate_configs_are_valid_accelerate_configs(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert str(config.distributed_type).split(".")[-1] in {"MULTI_GPU", "DEEPSPEED", "FSDP"}
+    assert config.num_processes >= 2 and config.mixed_precision == "bf16"
+    assert f"accelerate launch --config_file configs/accelerate/{path.name}" in path.read_text()
