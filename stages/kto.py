@@ -25,6 +25,7 @@ class KTOConfig(TrainingConfig):
     undesirable_weight: float = Field(1.0, gt=0)
     learning_rate: float = Field(5e-4, gt=0)
     batch_size: int = Field(16, ge=2)  # KTO's KL reference point is estimated from mismatched pairs within a batch
+    sft_weight: float = Field(0.0, ge=0.0)  # > 0 adds the NLL of the desirable completions (as DPO's RPO term)
 
 
 class KTOStage:
@@ -61,7 +62,7 @@ class KTOStage:
             undesirable_weight=cfg.undesirable_weight,
             eval_strategy="no",
         )
-        trainer = KTOTrainer(
+        trainer = _trainer_class(KTOTrainer, cfg.sft_weight)(
             model=policy.model,
             ref_model=None,  # TRL copies `default` (our SFT policy) into the frozen `ref` adapter
             args=args,
@@ -125,3 +126,29 @@ def _unpair(pairs: list[dict]) -> list[dict]:
         out.append({"prompt": r["prompt"], "completion": r["chosen"], "label": True})
         out.append({"prompt": r["prompt"], "completion": r["rejected"], "label": False})
     return out
+
+
+def _trainer_class(base, sft_weight: float):
+    """TRL's KTOTrainer, plus ``sft_weight`` x the NLL of the desirable completions in the batch when asked.
+
+    TRL's KTO has no such term; without it the toy policy drifts off-distribution as plain DPO does.
+    """
+    if not sft_weight:
+        return base
+    import torch
+
+    class KTOWithNLL(base):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            desirable = torch.as_tensor(inputs["label"], dtype=torch.bool, device=inputs["input_ids"].device)
+            if not desirable.any():
+                return loss
+            ids = inputs["input_ids"][desirable]
+            labels = ids.masked_fill(inputs["completion_mask"][desirable] == 0, -100)
+            nll = model(input_ids=ids, attention_mask=inputs["attention_mask"][desirable], labels=labels,
+                        use_cache=False).loss
+            if return_outputs:
+                return loss[0] + sft_weight * nll, loss[1]
+            return loss + sft_weight * nll
+
+    return KTOWithNLL
