@@ -53,6 +53,7 @@ class RolloutConfig(Strict):
     engine: Literal["auto", "vllm", "hf"] = "auto"
     sync: Literal["auto", "lora", "merged"] = "auto"
     memory_fraction: float = Field(0.3, gt=0.0, le=1.0)
+    tensor_parallel_size: int = Field(1, ge=1)  # vLLM: shard the rollout model over this many GPUs
 
 
 class LoggingConfig(Strict):

@@ -248,7 +248,8 @@ def make_engine(ctx: StageContext):
             console.print(f"rollout.engine auto: using the HF engine ({problem})")
             return HFEngine(policy)
     max_len = min(getattr(policy.base.config, "max_position_embeddings", 4096), 4096)
-    return VLLMEngine(policy, ctx.rollout.sync, ctx.rollout.memory_fraction, ctx.adapter.r, max_len, ctx.seed)
+    return VLLMEngine(policy, ctx.rollout.sync, ctx.rollout.memory_fraction, ctx.adapter.r, max_len, ctx.seed,
+                      ctx.rollout.tensor_parallel_size)
 
 
 # ------------------------------------------------------------------------------------------ tensor helpers

@@ -52,12 +52,9 @@ class RewardStage:
         from reward_models.trained import new_score_head, save_reward_model, sequence_rewards
 
         from alignment import distributed
-        from alignment.metrics import console
 
         cfg, policy = self.config, ctx.policy
-        if distributed.world_size() > 1:
-            console.print("[yellow]warning:[/yellow] the reward stage is not data parallel yet: every process trains "
-                          "the same model on all the data (rank 0 writes it)")
+        world, rank = distributed.world_size(), distributed.rank()
         rows, dropped = preference_rows(cfg.data, cfg.columns, f"stages.{ctx.index}.data", policy.tokenizer)
         rng = random.Random(ctx.seed)
         rng.shuffle(rows)
@@ -74,7 +71,7 @@ class RewardStage:
         head = new_score_head(policy.base.config.hidden_size, policy.base.dtype, policy.base.device)
         params = policy.trainable_parameters() + list(head.parameters())
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        steps_per_epoch = -(-len(rows) // (cfg.batch_size * cfg.gradient_accumulation_steps))
+        steps_per_epoch = -(-len(rows) // (cfg.batch_size * cfg.gradient_accumulation_steps * world))
         total = cfg.max_steps if cfg.max_steps > 0 else max(1, int(steps_per_epoch * cfg.epochs))
         scheduler = get_scheduler(cfg.lr_scheduler, optimizer, int(total * cfg.warmup_ratio), total)
 
@@ -82,17 +79,26 @@ class RewardStage:
             texts = [r["prompt"] + r[key] for r in batch]
             return sequence_rewards(policy, cfg.adapter_name, head, texts, cfg.max_length)
 
+        if world > 1:  # data parallel through accelerate (DDP): gradients are averaged over the ranks
+            from accelerate import Accelerator
+
+            ddp = Accelerator().prepare_model(_reward_net(policy, cfg.adapter_name, head, cfg.max_length))
+            train_rewards = lambda batch, key: ddp([r["prompt"] + r[key] for r in batch])  # noqa: E731
+        else:
+            train_rewards = rewards
+
         # the loop: shuffle each epoch, BT loss on (chosen, rejected), clip, step
         policy.model.train()
-        step, order, recent = 0, [], []
+        step, order, recent, seen = 0, [], [], 0
         while step < total:
             for _ in range(cfg.gradient_accumulation_steps):
-                if not order:
+                if len(order) < cfg.batch_size * world:
                     order = list(range(len(rows)))
-                    rng.shuffle(order)
-                batch = [rows[i] for i in order[: cfg.batch_size]]
-                order = order[cfg.batch_size :]
-                chosen, rejected = rewards(batch, "chosen"), rewards(batch, "rejected")
+                    rng.shuffle(order)  # the same order on every rank (same seed); each takes its own share
+                block, order = order[: cfg.batch_size * world], order[cfg.batch_size * world :]
+                batch = [rows[i] for i in block[rank::world]]
+                seen += len(batch)
+                chosen, rejected = train_rewards(batch, "chosen"), train_rewards(batch, "rejected")
                 margin = torch.tensor([float(r.get("margin", cfg.margin)) for r in batch])
                 loss = bradley_terry_loss(chosen, rejected, margin)
                 if cfg.center_rewards_coefficient:
@@ -109,6 +115,12 @@ class RewardStage:
                 ctx.logger.log(step, {"loss": loss.item(), "accuracy": accuracy, "grad_norm": float(grad_norm),
                                       "margin": (chosen - rejected).mean().item(), "learning_rate": scheduler.get_last_lr()[0]})
         policy.model.eval()
+        if world > 1:
+            import sys
+
+            weights = sum(float(p.detach().double().sum()) for p in params)  # equal on every rank: DDP kept them in sync
+            print(f"rank {rank}/{world}: trained on {seen} pairs (weights checksum {weights:.8f})", file=sys.stderr,
+                  flush=True)
 
         metrics = {
             "train_loss": round(statistics.fmean(x for x, _ in recent), 4),
@@ -151,3 +163,20 @@ class RewardStage:
             "length_baseline_accuracy": round(statistics.fmean(longer_wins), 4),
             "eval_pairs": len(eval_rows),
         }
+
+
+def _reward_net(policy, adapter_name, head, max_length):
+    """The reward adapter + head as one module, so that accelerate can wrap it in DDP (multi-process runs only)."""
+    import torch
+
+    from reward_models.trained import sequence_rewards
+
+    class RewardNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model, self.head = policy.model, head
+
+        def forward(self, texts):
+            return sequence_rewards(policy, adapter_name, self.head, texts, max_length)
+
+    return RewardNet()

@@ -16,30 +16,40 @@ from tests.conftest import REPO
 ACCELERATE_CONFIGS = sorted((REPO / "configs" / "accelerate").glob("*.yaml"))
 
 
-def test_two_process_sft_and_dpo_shard_the_data_and_only_rank_0_writes(tmp_path, toy_dir):
+def test_two_process_sft_reward_dpo_shard_the_data_and_only_rank_0_writes(tmp_path, toy_dir):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    config = tmp_path / "chain.yaml"
+    config.write_text("name: ddp\nstages:\n  - kind: sft\n    max_steps: 6\n  - kind: reward\n    max_steps: 8\n"
+                      "  - kind: dpo\n    max_steps: 3\n    sft_weight: 1.0\n")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "alignment", "run", str(REPO / "configs" / "sft_dpo.yaml"), "stages.0.max_steps=6",
-           "stages.1.max_steps=3", f"output_dir={tmp_path}", "name=ddp"]
+           "-m", "alignment", "run", str(config), f"output_dir={tmp_path}"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # no GPU here: accelerate's launcher starts 2 processes and they join a gloo process group
     shards = re.findall(r"rank (\d)/2: trained on (\d+) examples \(digest (\w+)\)", proc.stderr)
     by_stage = [shards[i : i + 2] for i in range(0, len(shards), 2)]
-    assert len(shards) == 4, proc.stderr[-3000:]  # SFT and DPO, both ranks
+    assert len(shards) == 4, proc.stderr[-3000:]  # SFT and DPO (TRL trainers), both ranks
     for pair in by_stage:
         assert {r for r, _, _ in pair} == {"0", "1"} and all(int(n) > 0 for _, n, _ in pair)
         assert pair[0][2] != pair[1][2]  # different examples on each rank
+    # our own reward loop runs in DDP too: each rank sees its share, the weights stay identical
+    reward = re.findall(r"rank (\d)/2: trained on (\d+) pairs \(weights checksum ([-\d.]+)\)", proc.stderr)
+    assert sorted(r for r, _, _ in reward) == ["0", "1"] and reward[0][1] == reward[1][1] == "128"  # 8 steps x 16
+    assert reward[0][2] == reward[1][2]
     run = tmp_path / "ddp"
     summary = json.loads((run / "summary.json").read_text())
-    assert [s["status"] for s in summary["stages"]] == ["done", "done"]
+    assert [s["status"] for s in summary["stages"]] == ["done", "done", "done"]
     # rank 1 printed nothing and wrote nothing: one console line per stage, one metrics line per logged step
-    assert proc.stderr.count("stage 0 (sft) done") == 1 and proc.stderr.count("stage 1 (dpo) done") == 1
-    for stage in ("0-sft", "1-dpo"):
+    for done in ("stage 0 (sft) done", "stage 1 (reward) done", "stage 2 (dpo) done"):
+        assert proc.stderr.count(done) == 1, done
+    assert (run / "1-reward" / "reward_model" / "adapter_model.safetensors").is_file()
+    for stage in ("0-sft", "1-reward", "2-dpo"):
         records = [json.loads(x) for x in (run / stage / "metrics.jsonl").read_text().splitlines()]
         assert len({(r["step"], tuple(sorted(r))) for r in records}) == len(records)  # no record written twice
-        assert (run / stage / "adapters" / "policy" / "adapter_model.safetensors").is_file()
+    for entry in summary["stages"]:
+        for folder in entry["artifacts"].values():
+            assert (run / folder).exists(), folder
     assert not list(run.rglob(".*.tmp")) and not list(Path("/tmp").glob("alignment-rank-scratch-*"))
 
 

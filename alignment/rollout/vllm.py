@@ -47,7 +47,8 @@ def resolve_sync(sync: str) -> str:
 class VLLMEngine:
     name = "vllm"
 
-    def __init__(self, policy, sync: str, memory_fraction: float, lora_rank: int, max_model_len: int, seed: int):
+    def __init__(self, policy, sync: str, memory_fraction: float, lora_rank: int, max_model_len: int, seed: int,
+                 tensor_parallel_size: int = 1):
         problem = vllm_problem(policy.base.config)
         if problem:
             raise UserError(f"rollout.engine: vllm cannot run {policy.model_path!r}: {problem}; use `engine: hf`")
@@ -67,6 +68,7 @@ class VLLMEngine:
                 dtype=dtype,
                 seed=seed,
                 gpu_memory_utilization=memory_fraction,
+                tensor_parallel_size=tensor_parallel_size,
                 max_model_len=max_model_len,
                 enable_lora=self.sync_mode == "lora",
                 max_lora_rank=rank,
