@@ -115,6 +115,20 @@ class Pipeline:
     # ----------------------------------------------------------------------------------------------- run
 
     def run(self) -> dict[str, Any]:
+        """Run every stage (skipping unchanged ones). Under ``accelerate launch`` every rank trains and rank 0 alone
+        writes the run folder (and prints)."""
+        from alignment import distributed
+        from alignment.io import main_process_writes
+
+        distributed.start()
+        if not distributed.is_main():
+            console.quiet = True
+        with main_process_writes(self.config.run_dir):
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
+        from alignment import distributed
+
         cfg = self.config
         for w in self.warnings:
             console.print(f"[yellow]warning:[/yellow] {w}")
@@ -142,6 +156,7 @@ class Pipeline:
             stage_dir = run_dir / stage_dirname(i, stage_cfg.kind)
             inputs = {name: artifacts[name] for name in sorted(cls.requires(stage_cfg)) if name in artifacts}
             result, status, wall = self._finished(stage_dir, fingerprint)
+            distributed.barrier()  # every rank has decided before rank 0 touches the stage folder
             if result is not None:
                 console.print(f"[green]✓[/green] stage {i} ({stage_cfg.kind}) unchanged since its last run: skipped")
             else:
@@ -173,7 +188,12 @@ class Pipeline:
             )
             atomic_write_json(run_dir / "summary.json", summary)
             atomic_write_json(run_dir / "manifest.json", manifest)
-        console.print(f"[bold]run {cfg.name!r} finished[/bold]: {run_dir / 'summary.json'}")
+            distributed.barrier()  # DONE and the summary are written before any rank goes on
+        from alignment.report import write_report
+
+        if distributed.is_main():
+            write_report(run_dir)
+        console.print(f"[bold]run {cfg.name!r} finished[/bold]: {run_dir / 'summary.json'}, report: {run_dir / 'report.md'}")
         return summary
 
     def _finished(self, stage_dir: Path, fingerprint: str) -> tuple[StageResult | None, str, float]:
@@ -191,10 +211,13 @@ class Pipeline:
         return result, "skipped", recorded.get("wall_time_s", 0.0)
 
     def _run_stage(self, i, cls, stage_cfg, stage_dir, fingerprint, artifacts, summary) -> tuple[StageResult, float]:
+        from alignment import distributed
+
         cfg = self.config
-        if stage_dir.exists():
+        if stage_dir.exists() and distributed.is_main():
             shutil.rmtree(stage_dir)  # a changed or unfinished stage starts clean
-        stage_dir.mkdir(parents=True)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()
         resolved = {
             **stage_cfg.model_dump(mode="json"),
             "adapter": cfg.adapter_for(stage_cfg).model_dump(mode="json"),
@@ -202,7 +225,7 @@ class Pipeline:
         }
         atomic_write_text(stage_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
         wandb_run = None
-        if "wandb" in cfg.logging.report_to:
+        if "wandb" in cfg.logging.report_to and distributed.is_main():
             wandb_run = start_wandb(
                 cfg.logging.wandb_project, cfg.name, f"{cfg.name}/{stage_dir.name}", resolved, stage_dir
             )
