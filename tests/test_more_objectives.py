@@ -45,7 +45,9 @@ def test_critic_free_stages_raise_the_learned_reward_with_vllm(ppo_run, tmp_path
 def test_grpo_is_one_override_away_from_ppo():
     proc = run_cli("validate", str(REPO / "configs" / "sft_rm_ppo.yaml"), "stages.2.kind=grpo")
     assert proc.returncode == 0, proc.stderr
-    assert "stages.2: kind changed to 'grpo'; dropped fields it does not have:" in proc.stderr
+    assert "ok (3 stages: sft -> reward -> grpo)" in proc.stdout  # every PPO field the file sets exists in GRPO
+    proc = run_cli("validate", str(REPO / "configs" / "sft_rm_ppo.yaml"), "stages.2.kind=grpo", "stages.2.vf_coef=1")
+    assert proc.returncode == 0 and "dropped fields it does not have: vf_coef" in proc.stderr
 
 
 def test_grpo_on_the_hf_engine_without_kl(tmp_path):
