@@ -56,6 +56,15 @@ class RolloutConfig(Strict):
     tensor_parallel_size: int = Field(1, ge=1)  # vLLM: shard the rollout model over this many GPUs
 
 
+class ContinualConfig(Strict):
+    """How a continual chain is evaluated after each of its stages (see alignment/continual.py)."""
+
+    evaluate: Literal["seen", "all"] = "seen"  # tasks trained so far, or every task of the chain (needed for fwt)
+    method: Literal["choice", "generate"] = "choice"  # label log-likelihood, or exact match of greedy generation
+    eval_samples: int = Field(200, ge=1)  # held-out examples per task
+    max_new_tokens: int = Field(8, ge=1)  # `generate` only
+
+
 class LoggingConfig(Strict):
     report_to: list[Literal["wandb"]] = Field(default_factory=list)
     wandb_project: str = "alignment"
@@ -70,6 +79,16 @@ class StageConfig(Strict):
     kind: str
     adapter: AdapterConfig | None = None  # overrides the top-level adapter for this stage
     rollout: RolloutConfig | None = None  # overrides the top-level rollout settings for this stage
+
+    def continual_tasks(self) -> list | None:
+        """Continual chains: the tasks (``alignment.continual.TaskSpec``) this stage trains; ``[]`` for a stage that only
+        composes earlier ones (adapter fusion); None (the default) for a stage that is not part of a chain."""
+        return None
+
+    def check_chain(self, index: int, earlier: list[StageConfig]) -> list[str]:
+        """Problems with this stage's place in the pipeline (``earlier``: the stages before it), each as a
+        ``stages.<index>.<field>: ...`` line. Called by ``load_config`` before any model loads."""
+        return []
 
     def data_sources(self) -> dict[str, str]:
         """Field name -> data source for every field typed ``DataSource`` that is set."""
@@ -109,6 +128,7 @@ class PipelineConfig(Strict):
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    continual: ContinualConfig = Field(default_factory=ContinualConfig)
     stages: list[Any] = Field(min_length=1)
 
     _source: str | None = PrivateAttr(None)  # the YAML file it came from (not a config field)
@@ -140,6 +160,11 @@ class PipelineConfig(Strict):
             "stage": stage.model_dump(mode="json", exclude={"adapter", "rollout"}),
             "upstream": upstream,
         }
+        if stage.continual_tasks() is not None:  # a chain stage's result includes its evaluation on the chain's tasks
+            from alignment.continual import chain_tasks
+
+            tasks = chain_tasks(self.stages) if self.continual.evaluate == "all" else []
+            payload["continual"] = [self.continual.model_dump(mode="json"), [repr(t) for t in tasks]]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def resolved(self) -> dict:
@@ -229,6 +254,12 @@ def config_from_dict(
                 )
         for artifact in cls.produces(cfg):
             available[artifact] = i
+    if all(cfg is not None for cfg in stages):
+        from alignment.continual import chain_problems
+
+        for i, cfg in enumerate(stages):
+            problems += cfg.check_chain(i, stages[:i])
+        problems += chain_problems(stages)
     warnings += _unused_artifacts(stages, stage_classes)
 
     model_problem = check_model_ref(raw.get("model", "toy"))
@@ -249,6 +280,8 @@ def _unused_artifacts(stages, classes) -> list[str]:
     if any(c is None for c in stages):
         return out
     for i, (cfg, cls) in enumerate(zip(stages[:-1], classes[:-1])):
+        if cfg.continual_tasks() is not None:
+            continue  # a continual chain's stages each leave what later ones may use (EWC penalties, task adapters)
         later = set().union(*(c.requires(s) for s, c in zip(stages[i + 1 :], classes[i + 1 :])))
         unused = sorted(a for a in cls.produces(cfg) if a not in ("policy", "preference_data") and a not in later)
         if unused and not (cls.produces(cfg) & later) and cls.produces(cfg) != {"policy"}:

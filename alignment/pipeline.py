@@ -13,6 +13,7 @@ run again.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import importlib.metadata
@@ -38,6 +39,11 @@ PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "v
 def stage_dirname(index: int, kind: str) -> str:
     short = re.sub(r"[^a-z0-9_]+", "_", kind.split(":")[-1].lower()).strip("_")
     return f"{index}-{short}"
+
+
+def cfg_dump(config: PipelineConfig) -> dict:
+    """What a cached base-model evaluation depends on: the model and the evaluation settings."""
+    return {"model": config.model, "seed": config.seed, "dtype": config.dtype, **config.continual.model_dump(mode="json")}
 
 
 def package_versions() -> dict[str, str]:
@@ -112,6 +118,52 @@ class Pipeline:
         atomic_write_json(cached, metrics)
         return metrics["gold_reward"]
 
+    def _chains(self):
+        """Stage index -> the ``Chain`` its context gets, for every chain stage (continual learning)."""
+        from alignment.continual import Chain, chain_tasks, is_chain_stage
+
+        cfg = self.config
+        tasks = chain_tasks(cfg.stages)
+        out, trained = {}, []
+        for i, stage in enumerate(cfg.stages):
+            if not is_chain_stage(stage):
+                continue
+            earlier = list(trained)
+            trained += [t.name for t in stage.continual_tasks() if t.name not in trained]
+            out[i] = Chain(tasks, list(trained), earlier, cfg.continual, cfg.seed)
+        return out
+
+    def _continual_baseline(self, run_dir: Path, chain) -> dict[str, float]:
+        """Accuracy of the bare base model on every task of the chain (computed once per run, for fwt)."""
+        cached = run_dir / "continual_base.json"
+        names = [t.name for t in chain.tasks]
+        if cached.exists():
+            recorded = read_json(cached)
+            if recorded.get("settings") == cfg_dump(self.config) and set(names) <= set(recorded["accuracy"]):
+                return recorded["accuracy"]
+        policy = self.policy()
+        everything = dataclasses.replace(chain, trained=names)
+        with console.status("task accuracy of the base model"), policy.disabled() as base:
+            accuracy = everything.evaluate(base, policy.tokenizer)
+        atomic_write_json(cached, {"settings": cfg_dump(self.config), "accuracy": accuracy})
+        return accuracy
+
+    def _continual_summary(self, run_dir: Path, summary: dict, chains: dict, baseline: dict) -> None:
+        """The top-level ``continual`` block of the summary, continual.md and continual.png, from the chain stages so far."""
+        from alignment.continual import continual_block, write_continual_report
+
+        rows = []
+        for entry in summary["stages"]:
+            if entry["index"] in chains and "task_accuracy" in entry:
+                trains = [t.name for t in self.config.stages[entry["index"]].continual_tasks()]
+                rows.append({"stage": entry["index"], "dir": entry["dir"], "trains": trains, "accuracy": entry["task_accuracy"]})
+        if not rows:
+            return
+        tasks = [t.name for t in next(iter(chains.values())).tasks]
+        tasks = [t for t in tasks if any(t in row["accuracy"] for row in rows)]
+        summary["continual"] = continual_block(rows, tasks, baseline)
+        write_continual_report(run_dir, summary["continual"], self.config.name)
+
     # ----------------------------------------------------------------------------------------------- run
 
     def run(self) -> dict[str, Any]:
@@ -139,6 +191,8 @@ class Pipeline:
         if cfg.model == "toy":
             summary["base_gold_reward"] = self._base_gold(run_dir)
         summary["stages"] = []
+        chains = self._chains()
+        baseline = self._continual_baseline(run_dir, next(iter(chains.values()))) if chains else {}
         manifest = {
             "name": cfg.name,
             "model": cfg.model,
@@ -160,7 +214,7 @@ class Pipeline:
             if result is not None:
                 console.print(f"[green]✓[/green] stage {i} ({stage_cfg.kind}) unchanged since its last run: skipped")
             else:
-                result, wall = self._run_stage(i, cls, stage_cfg, stage_dir, fingerprint, artifacts, summary)
+                result, wall = self._run_stage(i, cls, stage_cfg, stage_dir, fingerprint, artifacts, summary, chains.get(i))
                 status = "done"
             artifacts.update(result.artifacts)
             summary["stages"].append(
@@ -186,6 +240,8 @@ class Pipeline:
                     "outputs": result.artifacts,
                 }
             )
+            if chains:
+                self._continual_summary(run_dir, summary, chains, baseline)
             atomic_write_json(run_dir / "summary.json", summary)
             atomic_write_json(run_dir / "manifest.json", manifest)
             distributed.barrier()  # DONE and the summary are written before any rank goes on
@@ -210,7 +266,7 @@ class Pipeline:
         result = StageResult(recorded["metrics"], recorded["artifacts"], recorded.get("info", {}))
         return result, "skipped", recorded.get("wall_time_s", 0.0)
 
-    def _run_stage(self, i, cls, stage_cfg, stage_dir, fingerprint, artifacts, summary) -> tuple[StageResult, float]:
+    def _run_stage(self, i, cls, stage_cfg, stage_dir, fingerprint, artifacts, summary, chain=None) -> tuple[StageResult, float]:
         from alignment import distributed
 
         cfg = self.config
@@ -239,6 +295,7 @@ class Pipeline:
             artifacts={name: cfg.run_dir / rel for name, rel in artifacts.items()},
             logger=logger,
             _policy_loader=self.policy,
+            chain=chain,
         )
         console.rule(f"stage {i}: {stage_cfg.kind}")
         start = time.time()

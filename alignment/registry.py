@@ -20,6 +20,9 @@ BUILTIN_STAGES: dict[str, str] = {
     "rloo": "stages.rloo:RLOOStage",
     "kto": "stages.kto:KTOStage",
     "orpo": "stages.orpo:ORPOStage",
+    "ewc": "stages.ewc:EWCStage",
+    "adapter_fusion": "stages.adapter_fusion:AdapterFusionStage",
+    "multitask": "stages.multitask:MultitaskStage",
 }
 
 

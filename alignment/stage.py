@@ -22,6 +22,7 @@ from alignment.config import AdapterConfig, PipelineConfig, RolloutConfig, Stage
 from alignment.errors import UserError
 
 if TYPE_CHECKING:
+    from alignment.continual import Chain
     from alignment.metrics import MetricsLogger
     from alignment.policy import SharedPolicy
 
@@ -55,6 +56,7 @@ class StageContext:
     artifacts: dict[str, Path]  # artifact name -> absolute path
     logger: MetricsLogger
     _policy_loader: Any  # callable returning the shared SharedPolicy (loaded on first use)
+    chain: Chain | None = None  # continual chains: the tasks and how to evaluate them (None outside a chain)
 
     @property
     def seed(self) -> int:
@@ -103,6 +105,18 @@ class StageContext:
         from alignment.evaluation import gold_eval
 
         return gold_eval(self.policy.model, self.policy.tokenizer, baseline=baseline)
+
+    def task_accuracy(self, model=None) -> dict[str, Any]:
+        """Continual chains: ``{"task_accuracy": {task: accuracy}}`` of ``model`` (default: the policy as it is now)
+        on the chain's evaluated tasks, for the stage's ``StageResult.info``; {} outside a chain."""
+        if self.chain is None:
+            return {}
+        from alignment.metrics import console
+
+        with console.status(f"evaluating tasks {', '.join(self.chain.evaluated())}"):
+            accuracy = self.chain.evaluate(model if model is not None else self.policy.model, self.policy.tokenizer)
+        console.print("  task accuracy: " + "  ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
+        return {"task_accuracy": accuracy}
 
     def gold_scores(self) -> list[float] | None:
         """Toy only: per-prompt gold scores of the policy as it is now (for win rates). None otherwise."""

@@ -20,7 +20,8 @@ from pathlib import Path
 from alignment.io import atomic_write_text, write_jsonl
 from alignment.toy import world
 
-VERSION = 3
+VERSION = 9
+TASK_TRAIN_ROWS = 1200  # per continual-learning task (200 held out)
 PRETRAIN_STEPS = 400
 PRETRAIN_DOCS = 12_000
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
@@ -111,7 +112,7 @@ def _build(folder: Path, seed: int, pretrain_steps: int) -> None:
     write_jsonl(data / "preference_eval.jsonl", world.preference_pairs(seed, 256, salt=5))
     write_jsonl(data / "prompts.jsonl", world.rl_prompts(seed, 1024))
     for task in world.TASKS:
-        write_jsonl(data / f"task_{task}.jsonl", world.task_examples(seed, task, 600))
+        write_jsonl(data / f"task_{task}.jsonl", world.task_examples(seed, task, TASK_TRAIN_ROWS))
         write_jsonl(data / f"task_{task}_eval.jsonl", world.task_examples(seed, task, 200, salt=1))
 
     tokenizer = build_tokenizer(seed)

@@ -189,32 +189,35 @@ TASK_QUESTIONS = {
     "topic": "is the review about food ?",
     "number": "does it mention a number above five ?",
 }
+# The answer words for yes / no. `yes` and `no` are in the tokenizer but never in the pretraining text, so their
+# (tied) embeddings stay close to every other unseen word and a LoRA adapter, which cannot move embeddings, cannot
+# learn to say one rather than the other. These two are words the base model already uses and tells apart.
+TASK_ANSWERS = {True: "the", False: "it"}
 
 
 def task_examples(seed: int, task: str, n: int, salt: int = 0) -> list[dict]:
-    """Yes/no questions about a review: the same answer words mean different things in different tasks."""
+    """Yes/no questions about a short review, all in one format and with the same two answer words.
+
+    Only the question tells the tasks apart, so one model can answer all three, but an adapter trained on one task
+    alone learns to ignore the question and answers every prompt by that task's rule: the others are forgotten.
+    Each task's labels are balanced and independent of the other tasks' labels.
+    """
     if task not in TASK_QUESTIONS:
         raise KeyError(task)
     rng = random.Random(seed * 7919 + 100 + TASKS.index(task) * 10 + salt)
     rows = []
-    while len(rows) < n:
-        noun = rng.choice(NOUNS)
-        adjectives = [rng.choice(POSITIVE + NEGATIVE) for _ in range(rng.randint(1, 3))]
-        positive = sum(a in _POSITIVE for a in adjectives)
-        if 2 * positive == len(adjectives):
-            continue
+    for _ in range(n):
+        noun = rng.choice(FOOD_NOUNS if rng.random() < 0.5 else OTHER_NOUNS)
+        adjective = rng.choice(POSITIVE if rng.random() < 0.5 else NEGATIVE)
         number = rng.randint(1, 9)
-        review = f"the {noun} was " + " and ".join(adjectives) + f" . we were {NUMBERS[number - 1]} people ."
-        label = {
-            "sentiment": 2 * positive > len(adjectives),
-            "topic": noun in FOOD_NOUNS,
-            "number": number > 5,
-        }[task]
+        review = f"the {noun} was {adjective} . we were {NUMBERS[number - 1]} people ."
+        label = {"sentiment": adjective in _POSITIVE, "topic": noun in FOOD_NOUNS, "number": number > 5}[task]
+        answer = TASK_ANSWERS[label]
         rows.append(
             {
-                "prompt": f"question : {TASK_QUESTIONS[task]} review : {review} answer :",
-                "completion": " yes" if label else " no",
-                "label": "yes" if label else "no",
+                "prompt": f"review : {review} question : {TASK_QUESTIONS[task]} answer :",
+                "completion": " " + answer,
+                "label": answer,
             }
         )
     return rows
