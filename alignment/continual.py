@@ -297,12 +297,14 @@ def markdown_table(block: dict[str, Any]) -> str:
 
 def write_continual_report(run_dir: Path, block: dict[str, Any], title: str) -> None:
     """``continual.md`` (the accuracy matrix and metrics) and ``continual.png`` (a heatmap) in the run folder."""
+    from alignment.io import atomic_write_text, skip_write
+
+    if skip_write(run_dir / "continual.png"):
+        return  # another rank of a multi-process run writes it
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from alignment.io import atomic_write_text
 
     atomic_write_text(run_dir / "continual.md", f"# {title}: accuracy after each chain stage\n\n" + markdown_table(block))
     labels = [f"{r['dir']}" for r in block["rows"]]

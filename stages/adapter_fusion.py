@@ -14,11 +14,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from alignment.config import StageConfig, TrainingConfig
+from alignment.config import StageConfig
 from alignment.stage import StageContext, StageResult
 
 
-class AdapterFusionConfig(TrainingConfig):
+class AdapterFusionConfig(StageConfig):
     kind: Literal["adapter_fusion"] = "adapter_fusion"
     adapters: list[str] = Field(min_length=1)  # the task adapters to fuse, trained by earlier task stages
     samples_per_task: int = Field(100, ge=1)  # training rows drawn from every task seen so far
@@ -26,9 +26,15 @@ class AdapterFusionConfig(TrainingConfig):
     learn_value: bool = False  # also learn a value projection (starts as the identity)
     query: Literal["prompt", "token"] = "prompt"  # prompt: the prompt's last hidden state; token: Pfeiffer's per-token
     route_loss: float = Field(1.0, ge=0.0)  # + this x NLL of the attention on the adapter of the row's own task
-    learning_rate: float = Field(5e-3, gt=0)
     epochs: float = Field(3.0, gt=0)
+    max_steps: int = -1  # > 0 overrides epochs
     batch_size: int = Field(8, ge=1)
+    learning_rate: float = Field(5e-3, gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_length: int = Field(256, ge=8)
 
     def continual_tasks(self) -> list:
         return []  # composes the chain's tasks, trains none of its own

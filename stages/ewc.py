@@ -26,7 +26,7 @@ from stages.sft import SFTConfig, SFTStage
 class EWCConfig(SFTConfig):
     kind: Literal["ewc"] = "ewc"
     data: DataSource  # the task's data (toy:task/<name>, or a file: see docs/continual.md)
-    ewc_lambda: float = Field(100.0, ge=0.0)  # penalty strength lambda (the Fisher is normalised to mean 1)
+    ewc_lambda: float = Field(10.0, ge=0.0)  # penalty strength lambda (the Fisher is normalised to mean 1)
     mode: Literal["separate", "online"] = "separate"
     gamma: float = Field(1.0, gt=0.0, le=1.0)  # online mode: decay of the running Fisher
     fisher_samples: int = Field(200, ge=1)  # examples of this task whose per-sample gradients make its Fisher

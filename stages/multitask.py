@@ -58,6 +58,8 @@ class MultitaskConfig(TrainingConfig):
             for field, source in self.data_sources().items()
             if (problem := check_data_source(source))
         ]
+        if self.eval_data:
+            problems.append(f"stages.{index}.eval_data: multitask takes held-out data per task; set tasks.<i>.eval_data")
         names = [t.name for t in self.continual_tasks()]
         if len(set(names)) != len(names):
             problems.append(f"stages.{index}.tasks: two tasks share a name ({', '.join(names)}); set `task:` on each")
