@@ -235,3 +235,40 @@ def test_shipped_continual_configs(toy_dir):
     assert {s.adapter_name for s in seq.stages} == {s.adapter_name for s in ewc.stages} == {"policy"}
     assert [s.adapter_name for s in fusion.stages[:3]] == tasks and fusion.stages[3].adapters == tasks
     assert [s.replay for s in replay.stages] == [0.0, 0.1, 0.1]
+
+
+def test_task_data_formats_and_held_out_split(tmp_path):
+    from alignment.continual import TaskSpec, load_task, preference_rows, sft_rows
+
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps({"text": f"item {i} is", "label": "odd" if i % 2 else "even"}) + "\n" for i in range(20)))
+    data = load_task(TaskSpec.from_stage(None, str(labels), None, {}), seed=0)
+    assert data.name == "labels" and len(data.eval) == 4 and len(data.train) == 16  # 20 % held out, seeded
+    assert {e["prompt"] for e in data.eval}.isdisjoint(e["prompt"] for e in data.train)
+    assert data.train[0]["choices"] == data.eval[0]["choices"] and sorted(data.train[0]["choices"]) == [" even", " odd"]
+    first = data.train[0]
+    assert sft_rows([first]) == [{"prompt": first["prompt"], "completion": first["choices"][first["answer"]]}]
+    wrong = [c for c in first["choices"] if c != first["choices"][first["answer"]]]
+    assert preference_rows([first]) == [{"prompt": first["prompt"], "chosen": first["choices"][first["answer"]], "rejected": wrong[0]}]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": " a", "rejected": " b"}) + "\n" for i in range(10)))
+    pair_task = load_task(TaskSpec.from_stage("prefs", str(pairs), None, {}), seed=0)
+    assert pair_task.eval[0]["choices"] == [" a", " b"] and pair_task.eval[0]["answer"] == 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "x"}) + "\n")
+    from alignment.errors import UserError
+
+    with pytest.raises(UserError, match="is not task data: it needs prompt/completion"):
+        load_task(TaskSpec.from_stage(None, str(bad), None, {}), seed=0)
+
+
+def test_generate_mode_is_exact_match_of_the_greedy_answer(seq_run):
+    from alignment.continual import load_task, task_accuracy
+    from alignment.evaluation import generate_greedy
+
+    pipeline, _, _ = seq_run
+    policy = pipeline.policy()
+    examples = load_task(pipeline._chains()[1].spec("sentiment"), 0).eval[:16]
+    generated = generate_greedy(policy.model, policy.tokenizer, [e["prompt"] for e in examples], 4)
+    right = sum(text.split()[:1] == e["choices"][e["answer"]].split() for e, (text, _) in zip(examples, generated))
+    assert task_accuracy(policy.model, policy.tokenizer, examples, method="generate", max_new_tokens=4) == right / 16
