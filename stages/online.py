@@ -76,7 +76,6 @@ class OnlineRun:
         self.sync_diffs: list[tuple[float, float]] = []
         self.gold: dict = {}
         self.samples = 0
-        self.start_time = time.time()
 
     @property
     def policy_parameters(self) -> list:
@@ -89,7 +88,7 @@ class OnlineRun:
         self.engine = make_engine(self.ctx)
         console.print(f"rollout engine: {self.engine.name} (sync: {self.engine.sync_mode})")
         self.sampling = Sampling(self.cfg.max_new_tokens, self.cfg.temperature, self.cfg.top_p)
-        self.start_time = time.time()
+        self.start_time = time.time()  # samples_per_s leaves out the set-up and the engine start
 
     # ------------------------------------------------------------------------------------------- per iteration
 
@@ -310,3 +309,38 @@ def sync_diff(rollout, trainer_logprobs, mask) -> tuple[float, float] | None:
 
 def mean_stats(stats: dict[str, list[float]]) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in stats.items() if v}
+
+
+class Minibatches:
+    """``epochs`` passes over ``n`` samples in shuffled minibatches, stopping early once a recorded ``approx_kl``
+    exceeds ``target_kl``::
+
+        loop = Minibatches(n, cfg.ppo_epochs, cfg.minibatch_size, cfg.target_kl)
+        for mb in loop:             # index tensors
+            ...                     # losses, backward, optimiser step
+            loop.record(pg_loss=..., approx_kl=...)
+        loop.means(), loop.stopped
+    """
+
+    def __init__(self, n: int, epochs: int, size: int, target_kl: float | None):
+        self.n, self.epochs, self.size, self.target_kl = n, epochs, size, target_kl
+        self.stats: dict[str, list[float]] = {}
+        self.stopped = False
+
+    def __iter__(self):
+        import torch
+
+        for _ in range(self.epochs):
+            for mb in torch.randperm(self.n).split(self.size):
+                yield mb
+                if self.stopped:
+                    return
+
+    def record(self, **values: float) -> None:
+        for k, v in values.items():
+            self.stats.setdefault(k, []).append(float(v))
+        if self.target_kl is not None and values.get("approx_kl", 0.0) > self.target_kl:
+            self.stopped = True
+
+    def means(self) -> dict[str, float]:
+        return mean_stats(self.stats)

@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import Field
 
 from alignment.stage import StageContext, StageResult
-from stages.online import OnlineConfig, OnlineRun, mean_stats, pack, requires, token_logprobs
+from stages.online import Minibatches, OnlineConfig, OnlineRun, pack, requires, token_logprobs
 
 
 class PPOConfig(OnlineConfig):
@@ -99,36 +99,28 @@ class PPOStage:
 
             # 5. K epochs x minibatches of clipped policy and value losses (early stop on approx_kl)
             t0 = time.time()
-            stats: dict[str, list[float]] = {"pg_loss": [], "vf_loss": [], "clipfrac": [], "approx_kl": [], "entropy": []}
-            stop = False
-            for _ in range(cfg.ppo_epochs):
-                for mb in torch.randperm(len(rollout.prompts)).split(cfg.minibatch_size):
-                    sub = {k: v[mb] for k, v in seq.items()}
-                    m = mask[mb]
-                    # backward inside `using`: gradients only reach adapters that still require them
-                    with policy.using("policy"):
-                        logprobs, entropy = token_logprobs(policy, "policy", sub, cfg.temperature, with_entropy=True)
-                        pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.clip_range)
-                        mean_entropy = masked_mean(entropy, m)
-                        (pg_loss - cfg.entropy_coef * mean_entropy).backward()
-                    with policy.using("value"):
-                        values = _values(policy, value_head, sub, grad=True)
-                        vf_loss, _ = value_loss(values, old_values[mb], returns[mb], m, cfg.value_clip_range)
-                        (cfg.vf_coef * vf_loss).backward()
-                    torch.nn.utils.clip_grad_norm_(policy_params, cfg.max_grad_norm)
-                    torch.nn.utils.clip_grad_norm_(value_params, cfg.max_grad_norm)
-                    policy_opt.step()
-                    value_opt.step()
-                    policy_opt.zero_grad(set_to_none=True)
-                    value_opt.zero_grad(set_to_none=True)
-                    for k, v in (("pg_loss", pg_loss.item()), ("vf_loss", vf_loss.item()), ("entropy", mean_entropy.item()),
-                                 ("clipfrac", pg_stats["clipfrac"]), ("approx_kl", pg_stats["approx_kl"])):
-                        stats[k].append(v)
-                    if cfg.target_kl is not None and pg_stats["approx_kl"] > cfg.target_kl:
-                        stop = True
-                        break
-                if stop:
-                    break
+            loop = Minibatches(len(rollout.prompts), cfg.ppo_epochs, cfg.minibatch_size, cfg.target_kl)
+            for mb in loop:
+                sub = {k: v[mb] for k, v in seq.items()}
+                m = mask[mb]
+                # backward inside `using`: gradients only reach adapters that still require them
+                with policy.using("policy"):
+                    logprobs, entropy = token_logprobs(policy, "policy", sub, cfg.temperature, with_entropy=True)
+                    pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.clip_range)
+                    mean_entropy = masked_mean(entropy, m)
+                    (pg_loss - cfg.entropy_coef * mean_entropy).backward()
+                with policy.using("value"):
+                    values = _values(policy, value_head, sub, grad=True)
+                    vf_loss, _ = value_loss(values, old_values[mb], returns[mb], m, cfg.value_clip_range)
+                    (cfg.vf_coef * vf_loss).backward()
+                torch.nn.utils.clip_grad_norm_(policy_params, cfg.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(value_params, cfg.max_grad_norm)
+                policy_opt.step()
+                value_opt.step()
+                policy_opt.zero_grad(set_to_none=True)
+                value_opt.zero_grad(set_to_none=True)
+                loop.record(pg_loss=pg_loss.item(), vf_loss=vf_loss.item(), clipfrac=pg_stats["clipfrac"],
+                            approx_kl=pg_stats["approx_kl"], entropy=mean_entropy.item())
             run.timing["train"] += time.time() - t0
             run.sync()
             kl_per_seq = (kl * mask).sum(1).mean().item()
@@ -141,11 +133,11 @@ class PPOStage:
                 "reward_normalized": scores.mean().item(),
                 "kl": kl_per_seq,
                 "kl_coef": kl_coef,
-                **mean_stats(stats),
+                **loop.means(),
                 "explained_variance": explained_variance(old_values, returns, mask),
                 "response_length": mask.sum(1).float().mean().item(),
                 "finished": finished.mean().item(),
-                "early_stopped": float(stop),
+                "early_stopped": float(loop.stopped),
             }
             run.log(iteration, metrics, rollout, old_logprobs, mask)
             if iteration % cfg.checkpoint_every == 0:

@@ -90,3 +90,26 @@ def test_adaptive_kl_controller():
     assert ctl.update(current_kl=2.0, n_samples=10) == pytest.approx(0.1 * (1 + 0.2 * 0.1))
     # error -0.5 is clipped to -0.2
     assert ctl.update(current_kl=0.5, n_samples=10) == pytest.approx(0.1 * 1.02 * (1 - 0.2 * 0.1))
+
+
+def test_minibatches_cover_every_sample_each_epoch_and_stop_on_approx_kl():
+    import torch
+
+    from stages.online import Minibatches
+
+    torch.manual_seed(0)
+    loop = Minibatches(10, epochs=2, size=4, target_kl=0.5)
+    seen = []
+    for mb in loop:
+        seen.append(mb.tolist())
+        loop.record(pg_loss=1.0, approx_kl=0.1)
+    assert [len(b) for b in seen] == [4, 4, 2, 4, 4, 2]  # 2 epochs x ceil(10 / 4) minibatches
+    assert sorted(sum(seen[:3], [])) == list(range(10)) and not loop.stopped
+    assert loop.means() == pytest.approx({"pg_loss": 1.0, "approx_kl": 0.1})
+
+    loop = Minibatches(10, epochs=2, size=4, target_kl=0.5)
+    steps = 0
+    for _ in loop:
+        steps += 1
+        loop.record(approx_kl=0.6 if steps == 2 else 0.1)  # the second step overshoots: no third step
+    assert steps == 2 and loop.stopped and abs(loop.means()["approx_kl"] - 0.35) < 1e-12

@@ -15,9 +15,9 @@ VLLM_CPU_HEAD_SIZES = {32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512}
 
 def test_gold_scorer_by_hand():
     p = "review of the soup in paris :"
-    # noun (0.2) + (2 positive - 0 negative)/5 * 0.8 = 0.52 content; format 1 -> 0.8*0.52 + 0.2 = 0.616
+    # noun (0.2) + (2 positive - 0 negative)/3 * 0.8 = 0.7333 content; format 1 -> 0.8*0.7333 + 0.2 = 0.78667
     s = world.gold_score(p, " the soup was good and fresh .")
-    assert (round(s.content, 6), s.format, round(s.reward, 6)) == (0.52, 1.0, 0.616)
+    assert (round(s.content, 4), s.format, round(s.reward, 4)) == (0.7333, 1.0, 0.7867)
     # negatives cancel positives; the second sentence is not counted; unfinished loses the format term
     s = world.gold_score(p, " the soup was good and bad . it was a nice day .", finished=False)
     assert (round(s.content, 6), s.format) == (0.2, 0.0)
@@ -25,7 +25,7 @@ def test_gold_scorer_by_hand():
     many = " the soup was " + " and ".join(["good"] * 9) + " ."
     s = world.gold_score(p, many)
     assert s.content == 1.0 and s.format == 0.0 and abs(s.reward - 0.8) < 1e-9
-    assert round(world.gold_score(p, " the bread was good .").content, 6) == 0.16  # no noun: 0.8 * 1/5
+    assert round(world.gold_score(p, " the bread was good .").content, 4) == 0.2667  # no noun: 0.8 * 1/3
 
 
 def test_data_is_deterministic_from_the_seed():
@@ -37,6 +37,18 @@ def test_data_is_deterministic_from_the_seed():
     assert len(held_out) == 128
     assert not held_out & {r["prompt"] for r in world.sft_pairs(0, 2000)}
     assert not held_out & {r["prompt"] for r in world.rl_prompts(0, 1000)}
+
+
+def test_reviews_have_one_polarity():
+    """Adjectives of one review share a polarity (up to the noise): sentiment is one feature to learn."""
+    rows = world.sft_pairs(0, 2000)
+    mixed = sum(
+        bool(set(r["completion"].split()) & set(world.POSITIVE)) and bool(set(r["completion"].split()) & set(world.NEGATIVE))
+        for r in rows
+    )
+    assert mixed / len(rows) < 0.15  # 1-3 adjectives, each flipped with probability ADJECTIVE_NOISE = 0.1
+    positive = sum(bool(set(r["completion"].split()[:4]) & set(world.POSITIVE)) for r in rows) / len(rows)
+    assert 0.7 < positive < 0.9  # SFT answers lean positive (80 % of reviews)
 
 
 def test_preference_labels_follow_gold_with_noise():

@@ -7,9 +7,11 @@ Everything here is pure Python and deterministic from a seed. The language:
 
 The **gold scorer** (hidden from every learned model) prefers responses that mention the prompt's noun and
 pile up positive adjectives (up to ``MAX_COUNTED``) without negative ones, and that end properly within
-``GOLD_MAX_WORDS``. The pretraining corpus leans slightly negative, SFT answers lean positive with one or two
-adjectives, so: base ~0.35, SFT ~0.6, and near 1.0 is reachable only by learning to say *more* good things,
-which is what preference optimisation has to discover.
+``GOLD_MAX_WORDS``. Every review has one polarity (all its adjectives positive or all negative, with a little
+noise), so the model learns sentiment as one feature and a policy improves by a few learnable decisions: the
+polarity of its first adjective, and "and" (one more adjective) rather than "." (stop). The pretraining corpus leans
+negative, SFT answers lean positive with mostly one adjective, so: base ~0.2, SFT ~0.4, and near 1.0 is
+reachable only by learning to say *more* good things, which is what preference optimisation has to discover.
 """
 
 from __future__ import annotations
@@ -54,10 +56,13 @@ CHAT_WORDS = "user assistant system : \n".split()
 
 GOLD_MAX_WORDS = 20  # a response longer than this (in words) loses the format term
 GOLD_MAX_NEW_TOKENS = 24  # generation budget of the shared gold evaluator
-MAX_COUNTED = 5  # (positive - negative) adjectives beyond this earn nothing more
+MAX_COUNTED = 3  # (positive - negative) adjectives beyond this earn nothing more
 FORMAT_WEIGHT = 0.2
 NOUN_WEIGHT = 0.2  # share of the content term for mentioning the prompt's noun
+ADJECTIVE_NOISE = 0.1  # chance that one adjective of a review has the other polarity
 
+_SALAD = POSITIVE + NEGATIVE + NOUNS + PLACES + NUMBERS + "the was and of in".split() + " ".join(FILLERS).split()
+_SALAD = [w for w in _SALAD if "{" not in w]
 _POSITIVE = frozenset(POSITIVE)
 _NEGATIVE = frozenset(NEGATIVE)
 
@@ -101,8 +106,11 @@ def make_prompt(noun: str, place: str) -> str:
 
 
 def make_response(rng: random.Random, noun: str, n_adjectives: int, p_positive: float, filler: float) -> str:
+    """One review: its polarity is positive with probability ``p_positive``; each adjective keeps that polarity
+    except with probability ``ADJECTIVE_NOISE``."""
+    positive = rng.random() < p_positive
     adjectives = [
-        rng.choice(POSITIVE) if rng.random() < p_positive else rng.choice(NEGATIVE) for _ in range(n_adjectives)
+        rng.choice(POSITIVE if positive != (rng.random() < ADJECTIVE_NOISE) else NEGATIVE) for _ in range(n_adjectives)
     ]
     text = f"the {noun} was " + " and ".join(adjectives) + " ."
     if rng.random() < filler:
@@ -122,32 +130,33 @@ def split_prompt_pairs(seed: int, n_eval: int = 128) -> tuple[list[tuple[str, st
 
 
 def pretrain_corpus(seed: int, n: int) -> list[str]:
-    """Full reviews (prompt + completion), sentiment leaning slightly negative, 1-3 adjectives."""
+    """Full reviews (prompt + completion), 60 % of them negative, 1-4 adjectives."""
     rng = random.Random(seed * 7919 + 1)
     train, _ = split_prompt_pairs(seed)
     texts = []
     for _ in range(n):
         noun, place = rng.choice(train)
-        k = rng.choice([1, 2, 2, 3])
+        k = rng.choice([1, 2, 2, 3, 4])
         texts.append(make_prompt(noun, place) + " " + make_response(rng, noun, k, 0.4, filler=0.6))
     return texts
 
 
 def sft_pairs(seed: int, n: int) -> list[dict]:
-    """Decent but imperfect answers: mostly one or two adjectives, 70 % positive."""
+    """Decent but imperfect answers: mostly one adjective (60 %, else two or three), 80 % positive reviews."""
     rng = random.Random(seed * 7919 + 2)
     train, _ = split_prompt_pairs(seed)
     rows = []
     for _ in range(n):
         noun, place = rng.choice(train)
-        k = rng.choices([1, 2, 3], weights=[0.3, 0.5, 0.2])[0]
-        completion = " " + make_response(rng, noun, k, 0.7, 0.3)  # leading space: trainers concatenate strings
+        k = rng.choices([1, 2, 3], weights=[0.6, 0.25, 0.15])[0]
+        completion = " " + make_response(rng, noun, k, 0.8, 0.3)  # leading space: trainers concatenate strings
         rows.append({"prompt": make_prompt(noun, place), "completion": completion})
     return rows
 
 
 def preference_pairs(seed: int, n: int, label_noise: float = 0.1, salt: int = 3) -> list[dict]:
-    """Two answers to one prompt, ranked by the gold scorer, ``label_noise`` of the labels flipped.
+    """Two answers to one prompt (see ``candidate_response``), ranked by the gold scorer, ``label_noise`` of the
+    labels flipped.
 
     Each row also carries ``gold_chosen_is_better`` (the noiseless label) so evaluations can use the truth.
     """
@@ -157,7 +166,7 @@ def preference_pairs(seed: int, n: int, label_noise: float = 0.1, salt: int = 3)
     while len(rows) < n:
         noun, place = rng.choice(train)
         prompt = make_prompt(noun, place)
-        a, b = (" " + make_response(rng, noun, rng.randint(1, 6), rng.random(), 0.3) for _ in range(2))
+        a, b = (" " + candidate_response(rng, noun) for _ in range(2))
         ga, gb = gold_score(prompt, a).reward, gold_score(prompt, b).reward
         if abs(ga - gb) < 1e-9:
             continue
@@ -167,6 +176,18 @@ def preference_pairs(seed: int, n: int, label_noise: float = 0.1, salt: int = 3)
             chosen, rejected = rejected, chosen
         rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "gold_chosen_is_better": not flipped})
     return rows
+
+
+def candidate_response(rng: random.Random, noun: str) -> str:
+    """An answer for a preference pair: mostly a review of 1-6 adjectives, but also reviews too long to keep the
+    format (7-10 adjectives) and word salad, so that a reward model has seen what a policy drifting away from the
+    format produces and a policy learns where to stop."""
+    kind = rng.random()
+    if kind < 0.7:
+        return make_response(rng, noun, rng.randint(1, 6), rng.random(), 0.3)
+    if kind < 0.85:
+        return make_response(rng, noun, rng.randint(7, 10), rng.random(), 0.3)
+    return " ".join(rng.choice(_SALAD) for _ in range(rng.randint(1, 6))) + " ."
 
 
 def rl_prompts(seed: int, n: int) -> list[dict]:
