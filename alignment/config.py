@@ -184,6 +184,7 @@ def config_from_dict(
     problems: list[str] = []
     warnings: list[str] = []
     rekinded = _apply_overrides(raw, overrides, problems)
+    warnings += _remethoded(raw, overrides)
 
     # 1. top level (stages checked one by one below)
     top = PipelineConfig.model_fields
@@ -363,6 +364,25 @@ def _apply_overrides(raw: dict, overrides, problems: list[str]) -> set[int]:
             if len(keys) == 3 and keys[0] == "stages" and keys[2] == "kind":
                 rekinded.add(int(keys[1]))
     return rekinded
+
+
+def _remethoded(raw: dict, overrides) -> list[str]:
+    """Blocks whose `adapter.method` an override changed lose the options the new method lacks (with a warning)."""
+    from alignment.methods import drop_foreign_options
+
+    warnings = []
+    for text in overrides:
+        keys = text.split("=", 1)[0].split(".")
+        if keys[-2:] != ["adapter", "method"]:
+            continue
+        block: Any = raw
+        for key in keys[:-1]:
+            block = block[int(key)] if isinstance(block, list) and key.isdigit() and int(key) < len(block) else (
+                block.get(key) if isinstance(block, dict) else None)
+        warning = drop_foreign_options(block, ".".join(keys[:-1]))
+        if warning:
+            warnings.append(warning)
+    return warnings
 
 
 def _pydantic_problems(error: ValidationError, prefix: str, top_fields: list[str]) -> list[str]:

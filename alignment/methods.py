@@ -186,8 +186,22 @@ def _method_tag(value: Any) -> str | None:
 
 AdapterSpec = Annotated[
     Union[tuple(Annotated[c, Tag(name)] for name, c in OPTION_CLASSES.items())],  # noqa: UP007
-    Discriminator(_method_tag),
+    Discriminator(_method_tag, custom_error_type="invalid_method",
+                  custom_error_message=f"unknown `method`; use one of {', '.join(METHODS)} (see `alignment methods`)"),
 ]
+
+
+def drop_foreign_options(block: Any, where: str) -> str | None:
+    """After an override changed ``<where>.method``: drop the options the new method does not have (as a kind
+    override does for stage fields); returns the warning, or None."""
+    if not isinstance(block, dict) or block.get("method") not in OPTION_CLASSES:
+        return None
+    known = OPTION_CLASSES[block["method"]].model_fields
+    dropped = sorted(k for k in block if k not in known)
+    for k in dropped:
+        del block[k]
+    return f"{where}: method changed to {block['method']!r}; dropped options it does not have: {', '.join(dropped)}" \
+        if dropped else None
 
 
 # ------------------------------------------------------------------------------------------------ layer groups
@@ -244,6 +258,14 @@ class Method:
 
     def release(self, policy: SharedPolicy, name: str) -> None:
         """After a stage: give the shared base back as it was loaded (base-weight and module methods)."""
+
+    def trainer_args(self) -> dict:
+        """Extra TRL/transformers training arguments the method needs."""
+        return {}
+
+    def rollout_for(self, model) -> tuple[str, str]:
+        """(rollout path, why) on this model: the class's path, unless the model rules it out."""
+        return self.rollout, self.note
 
 
 # ---------------------------------------------------------------------------------------- peft adapters
@@ -321,8 +343,14 @@ class IA3Method(PeftMethod):
         return IA3Config(task_type="CAUSAL_LM", target_modules=o.target_modules, feedforward_modules=o.feedforward_modules)
 
 
-class PrefixMethod(PeftMethod):
+class PromptLearningMethod(PeftMethod):
     note = "prompt-learning adapters cannot be merged or served by vLLM"
+
+    def trainer_args(self):
+        return {"gradient_checkpointing": False}  # checkpointed layers lose the virtual tokens' cache
+
+
+class PrefixMethod(PromptLearningMethod):
 
     def peft_config(self, model):
         from peft import PrefixTuningConfig
@@ -332,8 +360,7 @@ class PrefixMethod(PeftMethod):
                                   prefix_projection=o.projection, encoder_hidden_size=o.encoder_hidden_size)
 
 
-class PromptMethod(PeftMethod):
-    note = PrefixMethod.note
+class PromptMethod(PromptLearningMethod):
 
     def peft_config(self, model):
         from peft import PromptTuningConfig
@@ -346,8 +373,7 @@ class PromptMethod(PeftMethod):
                                   tokenizer_name_or_path=model.name_or_path)
 
 
-class PTuningMethod(PeftMethod):
-    note = PrefixMethod.note
+class PTuningMethod(PromptLearningMethod):
 
     def peft_config(self, model):
         from peft import PromptEncoderConfig
@@ -399,6 +425,15 @@ class BaseWeightMethod(Method):
     def release(self, policy, name):
         policy.restore_base()
 
+    def rollout_for(self, model):
+        embeddings = model.get_input_embeddings().weight
+        tied = embeddings is model.get_output_embeddings().weight
+        names = set(self.selected(model))
+        if tied and any(p is embeddings for n, p in model.named_parameters() if n in names):
+            return "hf", ("trains the tied input/output embeddings, which vLLM's in-place weight reload does not "
+                          "update (its output head keeps the old matrix): HF engine")
+        return self.rollout, self.note
+
 
 def mark_trainable(model, names) -> None:
     names = set(names)
@@ -439,9 +474,7 @@ class FreezeMethod(BaseWeightMethod):
 
 
 class HeadMethod(BaseWeightMethod):
-    @property
-    def note(self):
-        return "with tied embeddings (the toy) the head is the input embedding matrix: both are trained"
+    """With tied embeddings (the toy) the head is the input embedding matrix: both are trained."""
 
     def selected(self, model):
         head = model.get_output_embeddings().weight
@@ -606,6 +639,9 @@ class MamMethod(BottleneckMethod):
     def insert(self, policy):
         o = self.options
         return insert_bottlenecks(policy.base, o.size, "parallel", "relu", o.scaling)
+
+    def trainer_args(self):
+        return self.prefix().trainer_args()
 
     def prefix(self) -> PrefixMethod:
         return PrefixMethod(PrefixOptions(num_virtual_tokens=self.options.num_virtual_tokens))
@@ -781,15 +817,16 @@ def online_policy(ctx):
     return FrozenBasePolicy(policy, method, ctx.artifact("policy"))
 
 
-def rollout_path(ctx, sync: str) -> tuple[str, str]:
-    """(engine choice, sync) an online stage uses for its method: `hf` methods force the HF engine, `merged` methods
-    force a full-weight reload; LoRA keeps the configured choice."""
-    method = method_for(ctx.adapter)
-    if method.rollout == "hf":
-        return "hf", "shared"
-    if method.rollout == "merged":
-        return ctx.rollout.engine, "merged"
-    return ctx.rollout.engine, sync
+def rollout_path(ctx, model) -> tuple[str, str, str]:
+    """(engine choice, sync, what to say) for an online stage's method on ``model``: `hf` methods force the HF
+    engine, `merged` methods a full-weight reload; LoRA keeps the configured choice."""
+    path, why = method_for(ctx.adapter).rollout_for(model)
+    said = f"adapter.method {ctx.adapter.method}: PPO rollout path is {ROLLOUT_WORDS[path]}" + (f" ({why})" if why else "")
+    if path == "hf":
+        return "hf", "shared", said
+    if path == "merged":
+        return ctx.rollout.engine, "merged", said
+    return ctx.rollout.engine, ctx.rollout.sync, said
 
 
 ROLLOUT_WORDS = {"lora": "LoRA hot-swap in vLLM", "merged": "full-weight reload into vLLM", "hf": "HF engine only"}
@@ -807,9 +844,9 @@ def memory_note(model) -> str:
 # ------------------------------------------------------------------------------------------------ catalogue
 
 
-def count_trainable(model_path: str, options: MethodOptions, trust_remote_code: bool = False) -> tuple[int, int, int]:
-    """(trainable, total base parameters, base bytes) of a method on a model, built on the meta device (no weights
-    loaded; QLoRA is counted unquantised: its trainable LoRA parameters are the same)."""
+def count_trainable(model_path: str, options: MethodOptions, trust_remote_code: bool = False):
+    """(trainable, total base parameters, base bytes, (rollout path, why)) of a method on a model, built on the meta
+    device (no weights loaded; QLoRA is counted unquantised: its trainable LoRA parameters are the same)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -822,8 +859,10 @@ def count_trainable(model_path: str, options: MethodOptions, trust_remote_code: 
     total, size = sum(p.numel() for p in base.parameters()), parameter_bytes(base)
     tokenizer = AutoTokenizer.from_pretrained(model_path) if getattr(options, "init_text", None) else None
     policy = SharedPolicy(base, tokenizer, model_path)
-    model = method_for(options).prepare(policy, "policy")
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), total, size
+    method = method_for(options)
+    rollout = method.rollout_for(base)
+    model = method.prepare(policy, "policy")
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total, size, rollout
 
 
 def catalogue(model_path: str, configured: MethodOptions | None = None) -> list[dict]:
@@ -833,7 +872,7 @@ def catalogue(model_path: str, configured: MethodOptions | None = None) -> list[
     for name in METHODS:
         options = configured if configured is not None and configured.method == name else default_options(name)
         method = method_for(options)
-        trainable, total, size = count_trainable(model_path, options)
+        trainable, total, size, (rollout, why) = count_trainable(model_path, options)
         if isinstance(method, BaseWeightMethod):
             memory = f"online: frozen copies for reference + reward/value, +{2 * size / 2**20:.1f} MiB"
         elif name == "qlora":
@@ -843,7 +882,7 @@ def catalogue(model_path: str, configured: MethodOptions | None = None) -> list[
         rows.append({
             "method": name, "trainable": trainable, "percent": 100.0 * trainable / total, "total": total,
             "stages": "all" if method.stages == ALL_STAGES else ", ".join(method.stages),
-            "rollout": ROLLOUT_WORDS[method.rollout], "memory": memory, "note": method.note,
+            "rollout": ROLLOUT_WORDS[rollout], "memory": memory, "note": why,
         })
     return rows
 

@@ -236,14 +236,13 @@ def requires(cfg: OnlineConfig) -> set[str]:
 def make_engine(ctx: StageContext, policy):
     """`auto` takes vLLM when it is installed and supports the model, else HF, and says which and why. The adapter
     method decides the path first (alignment/methods.py: LoRA hot-swap, full-weight reload or HF only)."""
-    from alignment.methods import ROLLOUT_WORDS, method_for, rollout_path
+    from alignment.methods import rollout_path
     from alignment.metrics import console
     from alignment.rollout.hf import HFEngine
     from alignment.rollout.vllm import VLLMEngine, vllm_problem
 
-    method = method_for(ctx.adapter)
-    choice, sync = rollout_path(ctx, ctx.rollout.sync)
-    console.print(f"adapter.method {method.name}: PPO rollout path is {ROLLOUT_WORDS[method.rollout]}")
+    choice, sync, said = rollout_path(ctx, policy.base)
+    console.print(said)
     if choice == "hf":
         return HFEngine(policy)
     if choice == "auto":
