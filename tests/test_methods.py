@@ -219,10 +219,10 @@ def test_methods_command_prints_the_matrix(toy_dir, capsys):
 
     assert main(["methods"]) == 0
     printed = capsys.readouterr().out
-    for row in catalogue(str(toy_dir / "model")):
+    rows = {r["method"]: r for r in catalogue(str(toy_dir / "model"))}
+    for row in rows.values():
         assert f"| {row['method']} | {row['trainable']:,} | {row['percent']:.2f} | {row['stages']} | {row['rollout']} |" \
             in printed
-    rows = {r["method"]: r for r in catalogue(str(toy_dir / "model"))}
     assert rows["full"]["percent"] == 100.0 and rows["full"]["rollout"] == "HF engine only"  # tied embeddings
     assert rows["freeze"]["rollout"] == "full-weight reload into vLLM" and rows["dora"]["rollout"] == rows["freeze"]["rollout"]
     assert rows["prefix"]["rollout"] == "HF engine only" and rows["lora"]["rollout"] == "LoRA hot-swap in vLLM"
@@ -241,10 +241,9 @@ def test_ppo_with_a_base_weight_method_takes_the_path_the_matrix_names(adapter, 
     ppo = {"kind": "ppo", "reward": "toy_gold", "iterations": 2, "batch_size": 8, "minibatch_size": 8, "ppo_epochs": 1,
            "max_new_tokens": 8, "learning_rate": 1.0e-4, "gold_eval_every": 100, "sync_check_every": 1,
            "checkpoint_every": 100, "reward_normalization": "running"}
-    row = next(r for r in catalogue(str(toy_dir / "model"), method_for(default_options(adapter["method"])).options)
-               if r["method"] == adapter["method"])
-    assert row["rollout"] == {"hf": "HF engine only", "vllm": "full-weight reload into vLLM"}[engine]
     pipeline, summary, run_dir = run_pipeline(runs, adapter, SFT_STAGE, ppo)
+    method = method_for(OPTION_CLASSES[adapter["method"]](**adapter))
+    assert method.rollout_for(pipeline.policy().base)[0] == {"hf": "hf", "vllm": "merged"}[engine]  # the matrix's path
     sft, stage = summary["stages"]
     assert stage["engine"] == engine and stage["sync_mode"] == sync
     assert stage["metrics"]["sync_logprob_diff_max"] < 1e-3
@@ -252,7 +251,7 @@ def test_ppo_with_a_base_weight_method_takes_the_path_the_matrix_names(adapter, 
     assert first["kl"] == pytest.approx(0.0, abs=1e-6)
     sft_weights = load_file(str(run_dir / sft["artifacts"]["policy"] / "model.safetensors"))
     ppo_weights = load_file(str(run_dir / stage["artifacts"]["policy"] / "model.safetensors"))
-    selected = set(method_for(default_options(adapter["method"])).selected(pipeline.policy().base))
+    selected = set(method.selected(pipeline.policy().base))
     assert {n for n, t in sft_weights.items() if not torch.equal(ppo_weights[n], t)} == selected - {"lm_head.weight"}
     state = pipeline.policy().base.state_dict()
     assert all(torch.equal(state[n], t) for n, t in toy_weights(toy_dir).items())
