@@ -151,11 +151,10 @@ def _methods(args) -> int:
 
         config, _ = load_config(args.config, args.overrides)
         model, configured = config.model, config.adapter
-    console = Console(highlight=False, width=200)
-    with console.status(f"counting parameters of {model!r} (meta device, no weights loaded)"):
+    with Console(stderr=True).status(f"counting parameters of {model!r} (meta device, no weights loaded)"):
         rows = catalogue(resolve_model_path(model), configured)
-    console.print(f"model {model}: {rows[0]['total']:,} parameters")
-    console.print(markdown_table(rows), markup=False)
+    print(f"model {model}: {rows[0]['total']:,} parameters")
+    print(markdown_table(rows))  # plain print: a markdown table must not be wrapped
     return 0
 
 

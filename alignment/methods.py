@@ -868,11 +868,17 @@ def count_trainable(model_path: str, options: MethodOptions, trust_remote_code: 
 def catalogue(model_path: str, configured: MethodOptions | None = None) -> list[dict]:
     """One row per method: trainable params (count, %), stages, PPO rollout path, memory. The configured method's
     row uses its configured options; the others use defaults."""
-    rows = []
+    import logging
+
+    rows, log = [], logging.getLogger("alignment")
     for name in METHODS:
         options = configured if configured is not None and configured.method == name else default_options(name)
         method = method_for(options)
-        trainable, total, size, (rollout, why) = count_trainable(model_path, options)
+        level, log.level = log.level, logging.ERROR  # the notes column says what bitfit's warning would
+        try:
+            trainable, total, size, (rollout, why) = count_trainable(model_path, options)
+        finally:
+            log.level = level
         if isinstance(method, BaseWeightMethod):
             memory = f"online: frozen copies for reference + reward/value, +{2 * size / 2**20:.1f} MiB"
         elif name == "qlora":
