@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 ALL_STAGES = ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo", "rloo", "ewc", "multitask", "adapter_fusion")
 LORA_TYPED_STAGES = ("sft", "dpo", "kto", "orpo", "ppo", "grpo", "rloo")  # share a PeftModel with LoRA reward/value
-OTHER_PEFT_STAGES = ("sft", "dpo")  # peft forbids mixing adapter types; score heads bypass prompt-learning adapters
+OTHER_PEFT_STAGES = ("sft", "dpo")  # peft forbids mixing adapter types (no LoRA reward/value adapters beside them)
 BASE_WEIGHT_STAGES = ("sft", "ppo")
 
 
@@ -344,6 +344,7 @@ class IA3Method(PeftMethod):
 
 
 class PromptLearningMethod(PeftMethod):
+    stages = ("sft",)  # peft cannot load a saved prompt-learning adapter as trainable, so no later stage continues it
     note = "prompt-learning adapters cannot be merged or served by vLLM"
 
     def trainer_args(self):
@@ -833,7 +834,9 @@ ROLLOUT_WORDS = {"lora": "LoRA hot-swap in vLLM", "merged": "full-weight reload 
 
 
 def parameter_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of the base's own parameters (adapters other stages left on it not counted)."""
+    adapter = re.compile(r"lora_|ia3_|_adapter\.|magnitude_vector")
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not adapter.search(n))
 
 
 def memory_note(model) -> str:
