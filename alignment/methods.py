@@ -328,7 +328,8 @@ class QLoraMethod(LoraMethod):
         from transformers import BitsAndBytesConfig
 
         o = self.options
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=o.double_quant,
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=o.double_quant,
                                   bnb_4bit_compute_dtype=getattr(torch, o.compute_dtype))
 
 
@@ -340,7 +341,8 @@ class IA3Method(PeftMethod):
         from peft import IA3Config
 
         o = self.options
-        return IA3Config(task_type="CAUSAL_LM", target_modules=o.target_modules, feedforward_modules=o.feedforward_modules)
+        return IA3Config(task_type="CAUSAL_LM", target_modules=o.target_modules,
+                         feedforward_modules=o.feedforward_modules)
 
 
 class PromptLearningMethod(PeftMethod):
@@ -822,7 +824,8 @@ def rollout_path(ctx, model) -> tuple[str, str, str]:
     """(engine choice, sync, what to say) for an online stage's method on ``model``: `hf` methods force the HF
     engine, `merged` methods a full-weight reload; LoRA keeps the configured choice."""
     path, why = method_for(ctx.adapter).rollout_for(model)
-    said = f"adapter.method {ctx.adapter.method}: PPO rollout path is {ROLLOUT_WORDS[path]}" + (f" ({why})" if why else "")
+    said = f"adapter.method {ctx.adapter.method}: PPO rollout path is {ROLLOUT_WORDS[path]}"
+    said += f" ({why})" if why else ""
     if path == "hf":
         return "hf", "shared", said
     if path == "merged":

@@ -60,7 +60,8 @@ def run_one(method: str, epochs: float, out: Path) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | lr | trainable % | SFT gold_reward | eval_loss | s/step | peak RSS (MB) | training state (MB) |",
+    lines = ["| method | lr | trainable % | SFT gold_reward | eval_loss | s/step | peak RSS (MB) | "
+             "training state (MB) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['learning_rate']:g} | {r['trainable_percent']:.2f} | {r['gold_reward']} | "
@@ -83,8 +84,9 @@ def main() -> None:
         return
     rows = []
     for method in args.methods.split(","):
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
         done = subprocess.run([sys.executable, __file__, "--one", method, "--epochs", str(args.epochs)],
-                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+                              capture_output=True, text=True, env=env)
         if done.returncode != 0:
             sys.exit(f"{method} failed:\n{done.stderr[-3000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))

@@ -67,7 +67,7 @@ class OnlineRun:
         self.ctx, self.cfg, self.policy = ctx, cfg, ctx.policy
         rows = load_rows(cfg.prompts, cfg.columns, f"stages.{ctx.index}.prompts")
         self.prompts = self._prompt_texts(rows)
-        self.policy = online_policy(ctx)  # loads `policy`, makes the frozen `reference` (copies for base-weight methods)
+        self.policy = online_policy(ctx)  # `policy` + frozen `reference` (copies for base-weight methods)
         self.reward_model, self.normalized = self._reward_model()
         self.engine = None  # started by start_engine(), after the stage has added its own adapters
         self.rng = random.Random(ctx.seed)

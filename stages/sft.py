@@ -25,7 +25,7 @@ class SFTConfig(TrainingConfig):
     eval_steps: int | None = Field(None, ge=1)  # evaluate every N steps (default: at the end only)
     task: str | None = None  # continual: the task this stage trains (default for toy:task/<name> data: <name>)
     replay: float = Field(0.0, ge=0.0, le=1.0)  # continual: mix in this fraction of every earlier task's training rows
-    layer_lr_decay: float | None = Field(None, gt=0.0, le=1.0)  # LLRD: each group down trains at lr * decay (schedules.py)
+    layer_lr_decay: float | None = Field(None, gt=0.0, le=1.0)  # LLRD: each depth group down: lr * decay (schedules.py)
     unfreeze_every: int | None = Field(None, ge=1)  # progressive unfreezing: one more group (top first) every N ...
     unfreeze_unit: Literal["steps", "epochs"] = "steps"  # ... steps or epochs
 

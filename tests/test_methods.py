@@ -67,7 +67,8 @@ def test_method_trains_only_its_parameters_and_reloads_to_the_same_logits(name, 
     model = method.prepare(policy, "policy")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert sum(p.numel() for n, p in model.named_parameters() if n in trainable) == hand_count(name, **toy_dims(toy_dir))
+    counted = sum(p.numel() for n, p in model.named_parameters() if n in trainable)
+    assert counted == hand_count(name, **toy_dims(toy_dir))
 
     batch, labels = lm_batch(policy)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -209,8 +210,8 @@ def test_bad_method_options_are_rejected_before_any_model_loads():
     assert problems({"method": "full"}, "sft", "dpo") == [
         "adapter.method: a 'dpo' stage does not support method 'full' (it supports: sft, ppo); override `adapter:` "
         "for this stage, e.g. `adapter: {method: lora}` (see `alignment methods`)"]
-    config, warnings = config_from_dict({"name": "x", "adapter": {"method": "lora", "r": 4}, "stages": [{"kind": "sft"}]},
-                                        ["adapter.method=prompt"])
+    raw = {"name": "x", "adapter": {"method": "lora", "r": 4}, "stages": [{"kind": "sft"}]}
+    config, warnings = config_from_dict(raw, ["adapter.method=prompt"])
     assert config.adapter.method == "prompt" and "dropped options it does not have: r" in warnings[0]
 
 
@@ -221,10 +222,10 @@ def test_methods_command_prints_the_matrix(toy_dir, capsys):
     printed = capsys.readouterr().out
     rows = {r["method"]: r for r in catalogue(str(toy_dir / "model"))}
     for row in rows.values():
-        assert f"| {row['method']} | {row['trainable']:,} | {row['percent']:.2f} | {row['stages']} | {row['rollout']} |" \
-            in printed
+        r = row
+        assert f"| {r['method']} | {r['trainable']:,} | {r['percent']:.2f} | {r['stages']} | {r['rollout']} |" in printed
     assert rows["full"]["percent"] == 100.0 and rows["full"]["rollout"] == "HF engine only"  # tied embeddings
-    assert rows["freeze"]["rollout"] == "full-weight reload into vLLM" and rows["dora"]["rollout"] == rows["freeze"]["rollout"]
+    assert rows["freeze"]["rollout"] == rows["dora"]["rollout"] == "full-weight reload into vLLM"
     assert rows["prefix"]["rollout"] == "HF engine only" and rows["lora"]["rollout"] == "LoRA hot-swap in vLLM"
     assert "+6.3 MiB" in rows["full"]["memory"]  # two fp32 copies of 829,312 parameters
     assert all(rows[m]["trainable"] == hand_count(m, **toy_dims(toy_dir)) for m in METHODS)
