@@ -29,6 +29,11 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("stages", help="list stage kinds and their config fields")
 
+    methods = sub.add_parser("methods", help="the fine-tuning methods for a config's model: trainable parameters, "
+                             "stages, PPO rollout path, memory")
+    methods.add_argument("config", nargs="?", help="a pipeline YAML (default: the toy model)")
+    methods.add_argument("overrides", nargs="*")
+
     report = sub.add_parser("report", help="write report.md, report.html and plots/ into a run folder")
     report.add_argument("run_dir")
 
@@ -107,6 +112,8 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "eval":
         return _eval(args)
+    if args.command == "methods":
+        return _methods(args)
     if args.command == "report":
         from alignment.report import write_report
 
@@ -130,6 +137,25 @@ def _dispatch(args) -> int:
         Pipeline.from_yaml(args.config, args.overrides).run()
         return 0
     raise AssertionError(args.command)
+
+
+def _methods(args) -> int:
+    from rich.console import Console
+
+    from alignment.methods import catalogue, markdown_table
+    from alignment.policy import resolve_model_path
+
+    model, configured = "toy", None
+    if args.config:
+        from alignment.config import load_config
+
+        config, _ = load_config(args.config, args.overrides)
+        model, configured = config.model, config.adapter
+    with Console(stderr=True).status(f"counting parameters of {model!r} (meta device, no weights loaded)"):
+        rows = catalogue(resolve_model_path(model), configured)
+    print(f"model {model}: {rows[0]['total']:,} parameters")
+    print(markdown_table(rows))  # plain print: a markdown table must not be wrapped
+    return 0
 
 
 def _generate(args) -> int:

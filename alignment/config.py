@@ -21,6 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from alignment.errors import ConfigError
 
+# `adapter:` is one of the catalogue's option models, picked by `method:`; `AdapterConfig` (LoRA) is the default
+from alignment.methods import METHODS, OPTION_CLASSES, AdapterSpec, MethodOptions
+from alignment.methods import LoraOptions as AdapterConfig
+
 log = logging.getLogger("alignment")
 
 DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
@@ -35,16 +39,6 @@ class DataSourceMarker:
 
 
 DataSource = Annotated[str, DataSourceMarker()]
-
-
-class AdapterConfig(Strict):
-    """How the policy is trained. ``lora`` adds a named peft adapter on the shared base; ``full`` trains the base."""
-
-    method: Literal["lora", "full"] = "lora"
-    r: int = Field(16, ge=1, le=1024)
-    alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
 class RolloutConfig(Strict):
@@ -77,7 +71,7 @@ class StageConfig(Strict):
     uses_rollout: ClassVar[bool] = False  # online stages set True: only their results depend on `rollout`
 
     kind: str
-    adapter: AdapterConfig | None = None  # overrides the top-level adapter for this stage
+    adapter: AdapterSpec | None = None  # overrides the top-level adapter for this stage (alignment/methods.py)
     rollout: RolloutConfig | None = None  # overrides the top-level rollout settings for this stage
 
     def continual_tasks(self) -> list | None:
@@ -125,7 +119,7 @@ class PipelineConfig(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     output_dir: str = "runs"
     trust_remote_code: bool = False
-    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    adapter: AdapterSpec = Field(default_factory=AdapterConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     continual: ContinualConfig = Field(default_factory=ContinualConfig)
@@ -137,7 +131,7 @@ class PipelineConfig(Strict):
     def source(self) -> str | None:
         return self._source
 
-    def adapter_for(self, stage: StageConfig) -> AdapterConfig:
+    def adapter_for(self, stage: StageConfig) -> MethodOptions:
         return stage.adapter or self.adapter
 
     def rollout_for(self, stage: StageConfig) -> RolloutConfig:
@@ -190,6 +184,7 @@ def config_from_dict(
     problems: list[str] = []
     warnings: list[str] = []
     rekinded = _apply_overrides(raw, overrides, problems)
+    warnings += _remethoded(raw, overrides)
 
     # 1. top level (stages checked one by one below)
     top = PipelineConfig.model_fields
@@ -260,6 +255,10 @@ def config_from_dict(
         for i, cfg in enumerate(stages):
             problems += cfg.check_chain(i, stages[:i])
         problems += chain_problems(stages)
+        if config is not None:
+            from alignment.methods import config_problems
+
+            problems += config_problems(config.model_copy(update={"stages": stages}))
     warnings += _unused_artifacts(stages, stage_classes)
 
     model_problem = check_model_ref(raw.get("model", "toy"))
@@ -367,14 +366,36 @@ def _apply_overrides(raw: dict, overrides, problems: list[str]) -> set[int]:
     return rekinded
 
 
+def _remethoded(raw: dict, overrides) -> list[str]:
+    """Blocks whose `adapter.method` an override changed lose the options the new method lacks (with a warning)."""
+    from alignment.methods import drop_foreign_options
+
+    warnings = []
+    for text in overrides:
+        keys = text.split("=", 1)[0].split(".")
+        if keys[-2:] != ["adapter", "method"]:
+            continue
+        block: Any = raw
+        for key in keys[:-1]:
+            block = block[int(key)] if isinstance(block, list) and key.isdigit() and int(key) < len(block) else (
+                block.get(key) if isinstance(block, dict) else None)
+        warning = drop_foreign_options(block, ".".join(keys[:-1]))
+        if warning:
+            warnings.append(warning)
+    return warnings
+
+
 def _pydantic_problems(error: ValidationError, prefix: str, top_fields: list[str]) -> list[str]:
     problems = []
     for item in error.errors():
         loc = [str(p) for p in item["loc"]]
+        choices = top_fields if len(loc) == 1 else []
+        if len(loc) >= 2 and loc[0] == "adapter" and loc[1] in METHODS:  # drop the union's tag from the path
+            choices = list(OPTION_CLASSES[loc[1]].model_fields)
+            loc = [loc[0], *loc[2:]]
         path = prefix + ".".join(loc) if loc else prefix.rstrip(".") or "<top level>"
         if item["type"] == "extra_forbidden":
             name = loc[-1] if loc else "?"
-            choices = top_fields if len(loc) == 1 else []
             hint = difflib.get_close_matches(name, choices, n=1)
             suggestion = f"; did you mean `{hint[0]}`?" if hint else ""
             problems.append(f"{path}: unknown key{suggestion}")

@@ -81,11 +81,12 @@ class Pipeline:
     def policy(self):
         """The shared policy, loaded on first use and kept for every later stage of this run (one base)."""
         if self._policy is None:
+            from alignment.methods import quantization_for
             from alignment.policy import SharedPolicy
 
             cfg = self.config
             with console.status(f"loading model {cfg.model!r}"):
-                self._policy = SharedPolicy.load(cfg.model, cfg.dtype, cfg.trust_remote_code)
+                self._policy = SharedPolicy.load(cfg.model, cfg.dtype, cfg.trust_remote_code, quantization_for(cfg))
         return self._policy
 
     def fingerprints(self) -> list[str]:

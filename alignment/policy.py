@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from alignment.config import AdapterConfig
 from alignment.errors import UserError
+from alignment.methods import MethodOptions
 
 log = logging.getLogger("alignment")
 
@@ -77,16 +77,21 @@ class SharedPolicy:
         self.model_path = model_path
         self.model = base
         self.frozen: set[str] = set()
+        self.extra_trainable: dict[str, list] = {}  # adapter -> parameters outside peft trained with it (MAM modules)
 
     @classmethod
-    def load(cls, model_ref: str, dtype: str = "auto", trust_remote_code: bool = False) -> SharedPolicy:
+    def load(cls, model_ref: str, dtype: str = "auto", trust_remote_code: bool = False,
+             quantization=None) -> SharedPolicy:
+        """``quantization``: a transformers quantisation config (QLoRA's 4-bit NF4), or None."""
         from transformers import AutoModelForCausalLM
 
         path = resolve_model_path(model_ref)
+        quantized = {} if quantization is None else {
+            "quantization_config": quantization, "device_map": "cuda" if torch.cuda.is_available() else "cpu"}
         try:
             tokenizer = load_tokenizer(path, trust_remote_code)
             base = AutoModelForCausalLM.from_pretrained(
-                path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
+                path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, **quantized
             )
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -94,7 +99,7 @@ class SharedPolicy:
                 f"model: cannot load {model_ref!r} ({first}); use `toy`, a local model folder, or a hub id that is "
                 "already in the local Hugging Face cache"
             ) from None
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and quantization is None:
             base = base.to("cuda")
         base.config.use_cache = True
         return cls(base, tokenizer, path)
@@ -105,23 +110,15 @@ class SharedPolicy:
     def adapters(self) -> list[str]:
         return list(getattr(self.model, "peft_config", {}) or {})
 
-    def _lora_config(self, cfg: AdapterConfig):
-        from peft import LoraConfig
+    def add_adapter(self, name: str, cfg: MethodOptions) -> None:
+        """A fresh, trainable peft adapter called ``name`` (replacing one of that name), made active."""
+        from alignment.methods import PeftMethod, method_for
 
-        return LoraConfig(
-            r=cfg.r,
-            lora_alpha=cfg.alpha,
-            lora_dropout=cfg.dropout,
-            target_modules=cfg.target_modules,
-            task_type="CAUSAL_LM",
-        )
-
-    def add_adapter(self, name: str, cfg: AdapterConfig) -> None:
-        """A fresh, trainable LoRA adapter called ``name`` (replacing one of that name), made active."""
-        if cfg.method != "lora":
-            raise UserError(f"adapter.method: {cfg.method!r} has no named adapter; only `lora` adapters can be added")
-        self.attach(name, self._lora_config(cfg), trainable=True)
-        self.activate(name)
+        method = method_for(cfg)
+        if not isinstance(method, PeftMethod):
+            raise UserError(f"adapter.method: {cfg.method!r} is not a peft adapter; this stage needs one "
+                            "(see `alignment methods` for the stages each method supports)")
+        method.prepare(self, name)
 
     def attach(self, name: str, peft_config, state: dict | None = None, trainable: bool = False) -> None:
         """Add adapter ``name`` from a peft config (replacing one of that name), with weights ``state`` if given."""
@@ -175,7 +172,9 @@ class SharedPolicy:
 
     def delete_adapter(self, name: str) -> None:
         if name in self.adapters:
-            if len(self.adapters) == 1:  # peft cannot delete its last adapter: unwrap instead
+            if len(self.adapters) == 1 and self.model.peft_config[name].is_prompt_learning:
+                self.model = self.base  # prompt learning never changed the base's modules
+            elif len(self.adapters) == 1:  # peft cannot delete its last adapter: unwrap instead
                 self.model = self.base = self.model.unload()
             else:
                 if self.model.active_adapter == name:
@@ -183,6 +182,15 @@ class SharedPolicy:
                     self.model.set_adapter(other)
                 self.model.delete_adapter(name)
         self.frozen.discard(name)
+        self.extra_trainable.pop(name, None)
+
+    def restore_base(self) -> None:
+        """The base's weights as loaded from ``model_path`` again, all frozen (after a stage trained them in place)."""
+        from transformers import AutoModelForCausalLM
+
+        fresh = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.base.dtype)
+        self.base.load_state_dict(fresh.state_dict())
+        self.base.requires_grad_(False)
 
     def freeze_copy(self, source: str, name: str) -> None:
         """A frozen copy of adapter ``source`` called ``name`` (e.g. the reference from the SFT policy)."""
@@ -207,6 +215,9 @@ class SharedPolicy:
         for param_name, param in self.model.named_parameters():
             owner = next((part for part in param_name.split(".") if part in names), None)
             param.requires_grad_(owner is not None and owner == active and owner not in self.frozen)
+        for owner, params in self.extra_trainable.items():
+            for param in params:
+                param.requires_grad_(owner == active and owner not in self.frozen)
 
     @contextlib.contextmanager
     def using(self, name: str):
@@ -232,6 +243,11 @@ class SharedPolicy:
         else:
             with self.model.disable_adapter():
                 yield self.model
+
+    def adapter_parameters(self, name: str) -> list[torch.nn.Parameter]:
+        """The parameters of adapter ``name`` (those named ``....<name>....`` by peft, plus its extra ones)."""
+        own = [p for n, p in self.model.named_parameters() if f".{name}." in n]
+        return own + [p for p in self.extra_trainable.get(name, []) if all(p is not q for q in own)]
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

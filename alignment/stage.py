@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from alignment.config import AdapterConfig, PipelineConfig, RolloutConfig, StageConfig
+from alignment.config import MethodOptions, PipelineConfig, RolloutConfig, StageConfig
 from alignment.errors import UserError
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ class StageContext:
         return self.pipeline.seed
 
     @property
-    def adapter(self) -> AdapterConfig:
+    def adapter(self) -> MethodOptions:
         return self.pipeline.adapter_for(self.config)
 
     @property
@@ -95,8 +95,9 @@ class StageContext:
         np.random.seed(seed)
         torch.manual_seed(seed)
 
-    def gold_metrics(self, baseline: list[float] | None = None) -> dict[str, float]:
-        """Toy only: the shared gold evaluator on the policy as it is now (active adapter). {} otherwise.
+    def gold_metrics(self, baseline: list[float] | None = None, model=None) -> dict[str, float]:
+        """Toy only: the shared gold evaluator on ``model`` (default: the policy as it is now, active adapter).
+        {} otherwise.
 
         With ``baseline`` (per-prompt scores from ``gold_scores``) it adds ``gold_win_rate`` against it.
         """
@@ -104,7 +105,7 @@ class StageContext:
             return {}
         from alignment.evaluation import gold_eval
 
-        return gold_eval(self.policy.model, self.policy.tokenizer, baseline=baseline)
+        return gold_eval(self.policy.model if model is None else model, self.policy.tokenizer, baseline=baseline)
 
     def task_accuracy(self, model=None) -> dict[str, Any]:
         """Continual chains: ``{"task_accuracy": {task: accuracy}}`` of ``model`` (default: the policy as it is now)

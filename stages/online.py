@@ -59,6 +59,7 @@ class OnlineRun:
         from alignment import distributed
         from alignment.data import load_rows
         from alignment.errors import UserError
+        from alignment.methods import online_policy
 
         if distributed.world_size() > 1:
             raise UserError(f"stages.{ctx.index}: online stages ({cfg.kind}) run in one process; launch this run "
@@ -66,8 +67,7 @@ class OnlineRun:
         self.ctx, self.cfg, self.policy = ctx, cfg, ctx.policy
         rows = load_rows(cfg.prompts, cfg.columns, f"stages.{ctx.index}.prompts")
         self.prompts = self._prompt_texts(rows)
-        self.policy.load_adapter("policy", ctx.artifact("policy"), trainable=True)
-        self.policy.freeze_copy("policy", "reference")
+        self.policy = online_policy(ctx)  # `policy` + frozen `reference` (copies for base-weight methods)
         self.reward_model, self.normalized = self._reward_model()
         self.engine = None  # started by start_engine(), after the stage has added its own adapters
         self.rng = random.Random(ctx.seed)
@@ -79,13 +79,13 @@ class OnlineRun:
 
     @property
     def policy_parameters(self) -> list:
-        return [p for n, p in self.policy.model.named_parameters() if ".policy." in n]
+        return self.policy.adapter_parameters("policy")
 
     def start_engine(self) -> None:
         from alignment.metrics import console
         from alignment.rollout import Sampling
 
-        self.engine = make_engine(self.ctx)
+        self.engine = make_engine(self.ctx, self.policy)
         console.print(f"rollout engine: {self.engine.name} (sync: {self.engine.sync_mode})")
         self.sampling = Sampling(self.cfg.max_new_tokens, self.cfg.temperature, self.cfg.top_p)
         self.start_time = time.time()  # samples_per_s leaves out the set-up and the engine start
@@ -136,8 +136,8 @@ class OnlineRun:
                     console.print(f"[yellow]warning:[/yellow] engine and trainer log-probs differ by {diff[0]:.3f} "
                                   "nats/token: a stale policy, a template or a dtype mismatch?")
         if self.ctx.is_toy and (iteration % cfg.gold_eval_every == 0 or iteration == cfg.iterations):
-            with self.policy.using("policy"):
-                self.gold = self.ctx.gold_metrics()
+            with self.policy.using("policy") as model:
+                self.gold = self.ctx.gold_metrics(model=model)
             metrics.update(self.gold)
         self.ctx.logger.log(iteration, {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()})
 
@@ -232,13 +232,16 @@ def requires(cfg: OnlineConfig) -> set[str]:
     return {"policy", "reward_model"} if cfg.reward == "trained" else {"policy"}
 
 
-def make_engine(ctx: StageContext):
-    """`auto` takes vLLM when it is installed and supports the model, else HF, and says which and why."""
+def make_engine(ctx: StageContext, policy):
+    """`auto` takes vLLM when it is installed and supports the model, else HF, and says which and why. The adapter
+    method decides the path first (alignment/methods.py: LoRA hot-swap, full-weight reload or HF only)."""
+    from alignment.methods import rollout_path
     from alignment.metrics import console
     from alignment.rollout.hf import HFEngine
     from alignment.rollout.vllm import VLLMEngine, vllm_problem
 
-    choice, policy = ctx.rollout.engine, ctx.policy
+    choice, sync, said = rollout_path(ctx, policy.base)
+    console.print(said)
     if choice == "hf":
         return HFEngine(policy)
     if choice == "auto":
@@ -247,7 +250,7 @@ def make_engine(ctx: StageContext):
             console.print(f"rollout.engine auto: using the HF engine ({problem})")
             return HFEngine(policy)
     max_len = min(getattr(policy.base.config, "max_position_embeddings", 4096), 4096)
-    return VLLMEngine(policy, ctx.rollout.sync, ctx.rollout.memory_fraction, ctx.adapter.r, max_len, ctx.seed,
+    return VLLMEngine(policy, sync, ctx.rollout.memory_fraction, getattr(ctx.adapter, "r", 16), max_len, ctx.seed,
                       ctx.rollout.tensor_parallel_size)
 
 

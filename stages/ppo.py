@@ -62,8 +62,9 @@ class PPOStage:
         )
         from reward_models.trained import new_score_head
 
-        cfg, policy = self.config, ctx.policy
+        cfg = self.config
         run = OnlineRun(ctx, cfg)  # trainable `policy`, frozen SFT `reference`, reward model
+        policy = run.policy  # ctx.policy, or frozen copies around it for a method that trains base weights
         policy.add_adapter("value", ctx.adapter)
         value_head = new_score_head(policy.base.config.hidden_size, policy.base.dtype, policy.base.device)
         torch.nn.init.zeros_(value_head.weight)

@@ -25,6 +25,9 @@ class SFTConfig(TrainingConfig):
     eval_steps: int | None = Field(None, ge=1)  # evaluate every N steps (default: at the end only)
     task: str | None = None  # continual: the task this stage trains (default for toy:task/<name> data: <name>)
     replay: float = Field(0.0, ge=0.0, le=1.0)  # continual: mix in this fraction of every earlier task's training rows
+    layer_lr_decay: float | None = Field(None, gt=0.0, le=1.0)  # LLRD: each depth group down: lr * decay (schedules.py)
+    unfreeze_every: int | None = Field(None, ge=1)  # progressive unfreezing: one more group (top first) every N ...
+    unfreeze_unit: Literal["steps", "epochs"] = "steps"  # ... steps or epochs
 
     def continual_tasks(self) -> list[TaskSpec] | None:
         if self.task is None and toy_task_name(self.data) is None:
@@ -76,7 +79,8 @@ class SFTStage:
         if cfg.continual_tasks() is not None:
             result.info.update(ctx.task_accuracy())
         else:
-            metrics.update(ctx.gold_metrics())
+            metrics.update(ctx.gold_metrics(model=model))
+        self.method(ctx).release(ctx.policy, cfg.adapter_name)
         return result
 
     # ------------------------------------------------------------------------------------------------ hooks
@@ -137,14 +141,17 @@ class SFTStage:
         from datasets import Dataset
         from trl import SFTConfig as TRLSFTConfig
 
+        from alignment.schedules import trainer_schedule
         from alignment.training import trainer_callbacks, trl_args, use_console_progress
 
         cfg = self.config
+        schedule_kwargs, schedule_callbacks = trainer_schedule(cfg, model)
         args = TRLSFTConfig(
             **trl_args(cfg, ctx),
             completion_only_loss=cfg.completion_only_loss if fmt == "prompt_completion" else None,
             eval_strategy="steps" if eval_rows and cfg.eval_steps else "no",
             eval_steps=cfg.eval_steps,
+            **self.method(ctx).trainer_args(),
         )
         trainer = self.trainer_class(ctx)(
             model=model,
@@ -152,41 +159,27 @@ class SFTStage:
             train_dataset=Dataset.from_list(rows),
             eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
             processing_class=ctx.policy.tokenizer,
-            callbacks=trainer_callbacks(ctx.logger),
+            callbacks=trainer_callbacks(ctx.logger) + schedule_callbacks,
+            **schedule_kwargs,
             **kwargs,
         )
         use_console_progress(trainer)
         return trainer
 
-    def _prepare_model(self, ctx: StageContext):
-        """The model TRL trains: the shared PeftModel with our adapter active, or the bare base for `full`."""
-        from alignment.errors import UserError
+    def method(self, ctx: StageContext):
+        from alignment.methods import method_for
 
-        cfg, policy = self.config, ctx.policy
-        if ctx.adapter.method == "full":
-            if policy.adapters:
-                raise UserError(
-                    f"stages.{ctx.index}.adapter.method: full fine-tuning needs a base without adapters; "
-                    "put the full-fine-tuning stage first or use `lora`"
-                )
-            if cfg.adapter_name in ctx.artifacts:
-                raise UserError(f"stages.{ctx.index}: continuing a full fine-tune in the same run is not supported yet")
-            for p in policy.base.parameters():
-                p.requires_grad_(True)
-            return policy.base
-        if cfg.adapter_name in ctx.artifacts:  # continue the adapter an earlier stage produced
-            policy.load_adapter(cfg.adapter_name, ctx.artifacts[cfg.adapter_name], trainable=True)
-        else:
-            policy.add_adapter(cfg.adapter_name, ctx.adapter)
-        return policy.model
+        return method_for(ctx.adapter)
+
+    def _prepare_model(self, ctx: StageContext):
+        """The model TRL trains, made trainable by the configured method (alignment/methods.py); an adapter an
+        earlier stage produced is continued."""
+        cfg, method = self.config, self.method(ctx)
+        if cfg.adapter_name in ctx.artifacts:
+            return method.load(ctx.policy, cfg.adapter_name, ctx.artifacts[cfg.adapter_name], trainable=True)
+        return method.prepare(ctx.policy, cfg.adapter_name)
 
     def _save(self, ctx: StageContext):
-        cfg, policy = self.config, ctx.policy
-        if ctx.adapter.method == "full":
-            target = ctx.dir / "model"
-            policy.base.save_pretrained(target, safe_serialization=True)
-            policy.tokenizer.save_pretrained(target)
-            return target
-        target = ctx.dir / "adapters" / cfg.adapter_name
-        policy.save_adapter(cfg.adapter_name, target)
-        return target
+        cfg, method = self.config, self.method(ctx)
+        folder = "model" if method.family == "base" else f"adapters/{cfg.adapter_name}"
+        return method.save(ctx.policy, cfg.adapter_name, ctx.dir / folder)

@@ -125,20 +125,12 @@ class VLLMEngine:
     @staticmethod
     @torch.no_grad()
     def _write_merged(policy, folder: Path) -> None:
-        """The base weights with the `policy` adapter merged in, as a safetensors file named like the base's."""
+        """The base weights with the `policy` adapter merged in (or the policy's own weights, for methods that train
+        base weights), as a safetensors file named like the base's."""
         from safetensors.torch import save_file
 
         folder.mkdir(parents=True)
-        with policy.using("policy") as model:
-            model.merge_adapter(["policy"])
-            try:
-                state = {}
-                for name, tensor in model.get_base_model().state_dict().items():
-                    if "lora_" in name:
-                        continue
-                    state[name.replace(".base_layer.", ".")] = tensor.detach().clone().contiguous()
-            finally:
-                model.unmerge_adapter()
+        state = policy.policy_state_dict() if hasattr(policy, "policy_state_dict") else _merged_state(policy)
         if getattr(policy.base.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
@@ -147,3 +139,19 @@ class VLLMEngine:
     def close(self) -> None:
         del self.llm
         shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+@torch.no_grad()
+def _merged_state(policy) -> dict[str, torch.Tensor]:
+    """Base weights with the `policy` peft adapter merged in (LoRA, DoRA, IA3), under the base's names."""
+    with policy.using("policy") as model:
+        model.merge_adapter(["policy"])
+        try:
+            state = {}
+            for name, tensor in model.get_base_model().state_dict().items():
+                if any(tag in name for tag in ("lora_", "ia3_", "magnitude_vector")):
+                    continue
+                state[name.replace(".base_layer.", ".")] = tensor.detach().clone().contiguous()
+        finally:
+            model.unmerge_adapter()
+    return state

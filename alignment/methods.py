@@ -1,0 +1,907 @@
+"""The fine-tuning methods catalogue: what `adapter.method` selects, how each one makes a model trainable, how it is
+saved and loaded, which stages accept it and how PPO gets its weights into the rollout engine.
+
+Three families:
+
+- **peft adapters** (lora, rslora, dora, qlora, ia3, prefix, prompt, ptuning): a named adapter on the shared base
+  (``SharedPolicy.attach``); saved as stock peft folders. QLoRA also loads the shared base in 4-bit NF4.
+- **base-weight methods** (full, freeze, head, modules, bitfit): they train some of the base's own parameters, so the
+  trained policy is a plain model folder and nothing else may sit on those weights: online stages give the reference
+  (and the reward/value adapters) a frozen copy of the base (``FrozenBasePolicy``).
+- **inserted modules** (bottleneck, and mam = prefix tuning + a parallel bottleneck): small modules of ours hooked
+  into every decoder layer (peft has no bottleneck adapter).
+
+Option models are pydantic only (``alignment validate`` checks them without torch); the work is in the ``Method``
+classes at the bottom, found with ``method_for(options)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+
+if TYPE_CHECKING:
+    import torch
+
+    from alignment.policy import SharedPolicy
+
+# ------------------------------------------------------------------------------------------------ options
+
+ALL_STAGES = ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo", "rloo", "ewc", "multitask", "adapter_fusion")
+LORA_TYPED_STAGES = ("sft", "dpo", "kto", "orpo", "ppo", "grpo", "rloo")  # share a PeftModel with LoRA reward/value
+OTHER_PEFT_STAGES = ("sft", "dpo")  # peft forbids mixing adapter types (no LoRA reward/value adapters beside them)
+BASE_WEIGHT_STAGES = ("sft", "ppo")
+
+
+class MethodOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    method: str
+
+
+class LoraOptions(MethodOptions):
+    """LoRA: low-rank updates ``B @ A`` (scaled by alpha / r) on the target linear layers."""
+
+    method: Literal["lora"] = "lora"
+    r: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class RsLoraOptions(LoraOptions):
+    """rsLoRA: LoRA scaled by alpha / sqrt(r) (stable at high rank)."""
+
+    method: Literal["rslora"] = "rslora"
+
+
+class DoraOptions(LoraOptions):
+    """DoRA: LoRA on the direction plus a trained magnitude vector per output channel."""
+
+    method: Literal["dora"] = "dora"
+
+
+class QLoraOptions(LoraOptions):
+    """QLoRA: LoRA on a base loaded in 4-bit NF4 (bitsandbytes); the whole shared base is quantised."""
+
+    method: Literal["qlora"] = "qlora"
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    double_quant: bool = True
+
+
+class IA3Options(MethodOptions):
+    """IA3: learned per-channel scaling of keys, values and the FFN input of the down projection."""
+
+    method: Literal["ia3"] = "ia3"
+    target_modules: list[str] | None = None  # None: peft's default for the architecture (k, v, down on Llama)
+    feedforward_modules: list[str] | None = None  # subset of target_modules scaled at their input
+
+
+class PrefixOptions(MethodOptions):
+    """Prefix tuning: trained key/value vectors prepended in every attention layer."""
+
+    method: Literal["prefix"] = "prefix"
+    num_virtual_tokens: int = Field(16, ge=1, le=512)
+    projection: bool = False  # train the prefixes through an MLP (reparameterisation of the original paper)
+    encoder_hidden_size: int = Field(128, ge=1)  # with `projection` only
+
+
+class PromptOptions(MethodOptions):
+    """Prompt tuning: trained input embeddings prepended to every sequence."""
+
+    method: Literal["prompt"] = "prompt"
+    num_virtual_tokens: int = Field(16, ge=1, le=512)
+    init_text: str | None = None  # initialise the virtual tokens from this text's embeddings (default: random)
+
+
+class PTuningOptions(MethodOptions):
+    """P-tuning: virtual-token embeddings produced by a small prompt encoder (MLP or LSTM)."""
+
+    method: Literal["ptuning"] = "ptuning"
+    num_virtual_tokens: int = Field(16, ge=1, le=512)
+    encoder: Literal["mlp", "lstm"] = "mlp"
+    encoder_hidden_size: int = Field(128, ge=1)
+
+
+class BottleneckOptions(MethodOptions):
+    """Bottleneck adapters (down -> nonlinearity -> up, up initialised at zero) in every decoder layer."""
+
+    method: Literal["bottleneck"] = "bottleneck"
+    size: int = Field(32, ge=1)  # bottleneck width
+    placement: Literal["houlsby", "pfeiffer", "parallel"] = "pfeiffer"  # after attn+FFN / after FFN / beside FFN
+    activation: Literal["relu", "gelu", "silu"] = "relu"
+    scaling: float = Field(1.0, gt=0)
+
+
+class FullOptions(MethodOptions):
+    """Full fine-tuning: every base parameter."""
+
+    method: Literal["full"] = "full"
+
+
+class FreezeOptions(MethodOptions):
+    """Layer freezing: train only the top `train_top` decoder layers (or all but the bottom `freeze_bottom`)."""
+
+    method: Literal["freeze"] = "freeze"
+    train_top: int | None = Field(None, ge=1)
+    freeze_bottom: int | None = Field(None, ge=1)
+    train_final_norm: bool = True
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.train_top is None) == (self.freeze_bottom is None):
+            raise ValueError("set exactly one of `train_top` or `freeze_bottom` (a number of decoder layers)")
+        return self
+
+
+class HeadOptions(MethodOptions):
+    """Head-only: the output projection (lm_head). With tied embeddings that matrix is also the input embedding."""
+
+    method: Literal["head"] = "head"
+    train_final_norm: bool = False
+
+
+class ModulesOptions(MethodOptions):
+    """Module selection: train only these kinds of base module."""
+
+    method: Literal["modules"] = "modules"
+    train: list[Literal["attention", "mlp", "norms", "embeddings"]] = Field(default_factory=lambda: ["attention"],
+                                                                          min_length=1)
+
+
+class BitFitOptions(MethodOptions):
+    """BitFit: bias terms only. Bias-free architectures (Llama, the toy) have none: `no_bias` says what then."""
+
+    method: Literal["bitfit"] = "bitfit"
+    no_bias: Literal["norms", "error"] = "norms"  # norms: train the normalisation gains instead (stated in the log)
+
+
+class MamOptions(MethodOptions):
+    """MAM (mix-and-match, He et al. 2022): prefix tuning in attention + a scaled parallel bottleneck beside the FFN."""
+
+    method: Literal["mam"] = "mam"
+    num_virtual_tokens: int = Field(16, ge=1, le=512)
+    size: int = Field(64, ge=1)
+    scaling: float = Field(4.0, gt=0)
+
+
+OPTION_CLASSES: dict[str, type[MethodOptions]] = {
+    c.model_fields["method"].default: c
+    for c in (LoraOptions, RsLoraOptions, DoraOptions, QLoraOptions, IA3Options, PrefixOptions, PromptOptions,
+              PTuningOptions, BottleneckOptions, FullOptions, FreezeOptions, HeadOptions, ModulesOptions,
+              BitFitOptions, MamOptions)
+}
+METHODS = tuple(OPTION_CLASSES)
+
+
+def _method_tag(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("method", "lora")  # no `method:` means LoRA, as before the catalogue
+    return getattr(value, "method", None)
+
+
+AdapterSpec = Annotated[
+    Union[tuple(Annotated[c, Tag(name)] for name, c in OPTION_CLASSES.items())],  # noqa: UP007
+    Discriminator(_method_tag, custom_error_type="invalid_method",
+                  custom_error_message=f"unknown `method`; use one of {', '.join(METHODS)} (see `alignment methods`)"),
+]
+
+
+def drop_foreign_options(block: Any, where: str) -> str | None:
+    """After an override changed ``<where>.method``: drop the options the new method does not have (as a kind
+    override does for stage fields); returns the warning, or None."""
+    if not isinstance(block, dict) or block.get("method") not in OPTION_CLASSES:
+        return None
+    known = OPTION_CLASSES[block["method"]].model_fields
+    dropped = sorted(k for k in block if k not in known)
+    for k in dropped:
+        del block[k]
+    return f"{where}: method changed to {block['method']!r}; dropped options it does not have: {', '.join(dropped)}" \
+        if dropped else None
+
+
+# ------------------------------------------------------------------------------------------------ layer groups
+
+
+def layer_group(param_name: str, num_layers: int) -> int:
+    """0 for embeddings, i + 1 for decoder layer i, num_layers + 1 for everything above (final norm, head) and for
+    what sits outside the layers (virtual-token encoders)."""
+    match = re.search(r"\.layers\.(\d+)\.", param_name)
+    if match:
+        return int(match.group(1)) + 1
+    if "embed_tokens" in param_name or re.search(r"\bwte\b|embed_in", param_name):
+        return 0
+    return num_layers + 1
+
+
+def num_layers(model) -> int:
+    return model.config.num_hidden_layers
+
+
+# ------------------------------------------------------------------------------------------------ methods
+
+
+class Method:
+    """One entry of the catalogue, bound to its options.
+
+    rollout: how PPO gets the policy's weights into its engine: ``lora`` (vLLM serves the adapter; on CPU the
+    engine's `auto` still merges), ``merged`` (full weights written and reloaded into vLLM), ``hf`` (HF engine only).
+    """
+
+    family: ClassVar[str]
+    rollout: ClassVar[str]
+    stages: ClassVar[tuple[str, ...]]
+    changes_base: ClassVar[bool] = False  # the trained policy is not an adapter on the shared, unchanged base
+    note: ClassVar[str] = ""
+
+    def __init__(self, options: MethodOptions):
+        self.options = options
+
+    @property
+    def name(self) -> str:
+        return self.options.method
+
+    def prepare(self, policy: SharedPolicy, name: str):
+        """Make ``policy`` trainable by this method under ``name``; returns the model a trainer should train."""
+        raise NotImplementedError
+
+    def save(self, policy: SharedPolicy, name: str, folder: Path) -> Path:
+        raise NotImplementedError
+
+    def load(self, policy: SharedPolicy, name: str, folder: Path, trainable: bool = False):
+        """A saved policy back onto ``policy`` under ``name``; returns the model (as ``prepare``)."""
+        raise NotImplementedError
+
+    def release(self, policy: SharedPolicy, name: str) -> None:
+        """After a stage: give the shared base back as it was loaded (base-weight and module methods)."""
+
+    def trainer_args(self) -> dict:
+        """Extra TRL/transformers training arguments the method needs."""
+        return {}
+
+    def rollout_for(self, model) -> tuple[str, str]:
+        """(rollout path, why) on this model: the class's path, unless the model rules it out."""
+        return self.rollout, self.note
+
+
+# ---------------------------------------------------------------------------------------- peft adapters
+
+
+class PeftMethod(Method):
+    family = "peft"
+    rollout = "hf"
+    stages = OTHER_PEFT_STAGES
+
+    def peft_config(self, model):
+        raise NotImplementedError
+
+    def prepare(self, policy, name):
+        policy.attach(name, self.peft_config(policy.base), trainable=True)
+        policy.activate(name)
+        return policy.model
+
+    def save(self, policy, name, folder):
+        policy.save_adapter(name, folder)
+        return folder
+
+    def load(self, policy, name, folder, trainable=False):
+        policy.load_adapter(name, folder, trainable=trainable)
+        return policy.model
+
+
+class LoraMethod(PeftMethod):
+    rollout = "lora"
+    stages = ALL_STAGES
+    extra: ClassVar[dict] = {}
+
+    def peft_config(self, model):
+        from peft import LoraConfig
+
+        o = self.options
+        return LoraConfig(r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout, target_modules=o.target_modules,
+                          task_type="CAUSAL_LM", **self.extra)
+
+
+class RsLoraMethod(LoraMethod):
+    stages = LORA_TYPED_STAGES
+    extra = {"use_rslora": True}
+
+
+class DoraMethod(LoraMethod):
+    rollout = "merged"
+    stages = LORA_TYPED_STAGES
+    extra = {"use_dora": True}
+    note = "vLLM serves no DoRA adapters: PPO merges it and reloads full weights"
+
+
+class QLoraMethod(LoraMethod):
+    rollout = "hf"
+    stages = LORA_TYPED_STAGES
+    note = "the shared base is loaded in 4-bit NF4 (bitsandbytes) for the whole run"
+
+    def quantization_config(self):
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        o = self.options
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=o.double_quant,
+                                  bnb_4bit_compute_dtype=getattr(torch, o.compute_dtype))
+
+
+class IA3Method(PeftMethod):
+    rollout = "merged"
+    note = "IA3 scalings merge into the base weights; vLLM serves no IA3 adapters"
+
+    def peft_config(self, model):
+        from peft import IA3Config
+
+        o = self.options
+        return IA3Config(task_type="CAUSAL_LM", target_modules=o.target_modules,
+                         feedforward_modules=o.feedforward_modules)
+
+
+class PromptLearningMethod(PeftMethod):
+    stages = ("sft",)  # peft cannot load a saved prompt-learning adapter as trainable, so no later stage continues it
+    note = "prompt-learning adapters cannot be merged or served by vLLM"
+
+    def trainer_args(self):
+        return {"gradient_checkpointing": False}  # checkpointed layers lose the virtual tokens' cache
+
+
+class PrefixMethod(PromptLearningMethod):
+
+    def peft_config(self, model):
+        from peft import PrefixTuningConfig
+
+        o = self.options
+        return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=o.num_virtual_tokens,
+                                  prefix_projection=o.projection, encoder_hidden_size=o.encoder_hidden_size)
+
+
+class PromptMethod(PromptLearningMethod):
+
+    def peft_config(self, model):
+        from peft import PromptTuningConfig
+
+        o = self.options
+        if o.init_text is None:
+            return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=o.num_virtual_tokens)
+        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=o.num_virtual_tokens,
+                                  prompt_tuning_init="TEXT", prompt_tuning_init_text=o.init_text,
+                                  tokenizer_name_or_path=model.name_or_path)
+
+
+class PTuningMethod(PromptLearningMethod):
+
+    def peft_config(self, model):
+        from peft import PromptEncoderConfig
+
+        o = self.options
+        return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=o.num_virtual_tokens,
+                                   encoder_reparameterization_type=o.encoder.upper(),
+                                   encoder_hidden_size=o.encoder_hidden_size)
+
+
+# ---------------------------------------------------------------------------------------- base-weight methods
+
+
+class BaseWeightMethod(Method):
+    """Trains a selection of the base's own parameters; the policy artifact is a plain model folder."""
+
+    family = "base"
+    rollout = "merged"
+    stages = BASE_WEIGHT_STAGES
+    changes_base = True
+
+    def selected(self, model) -> list[str]:
+        """Names of the base parameters this method trains."""
+        raise NotImplementedError
+
+    def prepare(self, policy, name):
+        from alignment.errors import UserError
+
+        if policy.adapters:
+            raise UserError(f"adapter.method: {self.name!r} trains the base weights, but adapters "
+                            f"({', '.join(policy.adapters)}) already sit on them; put this stage first or use `lora`")
+        mark_trainable(policy.base, self.selected(policy.base))
+        return policy.base
+
+    def save(self, policy, name, folder):
+        from alignment.io import atomic_dir
+
+        with atomic_dir(Path(folder)) as tmp:
+            policy.base.save_pretrained(tmp, safe_serialization=True)
+            policy.tokenizer.save_pretrained(tmp)
+            (tmp / "method.json").write_text(json.dumps(self.options.model_dump()))
+        return folder
+
+    def load(self, policy, name, folder, trainable=False):
+        load_weights(policy.base, folder)
+        mark_trainable(policy.base, self.selected(policy.base) if trainable else [])
+        return policy.base
+
+    def release(self, policy, name):
+        policy.restore_base()
+
+    def rollout_for(self, model):
+        embeddings = model.get_input_embeddings().weight
+        tied = embeddings is model.get_output_embeddings().weight
+        names = set(self.selected(model))
+        if tied and any(p is embeddings for n, p in model.named_parameters() if n in names):
+            return "hf", ("trains the tied input/output embeddings, which vLLM's in-place weight reload does not "
+                          "update (its output head keeps the old matrix): HF engine")
+        return self.rollout, self.note
+
+
+def mark_trainable(model, names) -> None:
+    names = set(names)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
+
+
+def load_weights(model, folder: Path) -> None:
+    """A model folder's weights (safetensors, possibly sharded) into ``model``, in place."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        from alignment.errors import UserError
+
+        raise UserError(f"{folder}: weights do not fit the configured model (missing {sorted(missing)[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]})")
+
+
+class FullMethod(BaseWeightMethod):
+    def selected(self, model):
+        return [n for n, _ in model.named_parameters()]
+
+
+class FreezeMethod(BaseWeightMethod):
+    def selected(self, model):
+        o, L = self.options, num_layers(model)
+        first = L - o.train_top if o.train_top is not None else o.freeze_bottom
+        out = [n for n, _ in model.named_parameters() if 1 + max(first, 0) <= layer_group(n, L) <= L]
+        if o.train_final_norm:
+            out += [n for n, _ in model.named_parameters() if layer_group(n, L) == L + 1 and "norm" in n]
+        return out
+
+
+class HeadMethod(BaseWeightMethod):
+    """With tied embeddings (the toy) the head is the input embedding matrix: both are trained."""
+
+    def selected(self, model):
+        head = model.get_output_embeddings().weight
+        out = [n for n, p in model.named_parameters() if p is head]
+        if self.options.train_final_norm:
+            out += [n for n, _ in model.named_parameters() if layer_group(n, num_layers(model)) == num_layers(model) + 1
+                    and "norm" in n]
+        return out
+
+
+MODULE_PATTERNS = {
+    "attention": r"\.self_attn\.",
+    "mlp": r"\.mlp\.",
+    "norms": r"norm",
+    "embeddings": r"embed_tokens|\bwte\b|lm_head",
+}
+
+
+class ModulesMethod(BaseWeightMethod):
+    def selected(self, model):
+        pattern = "|".join(MODULE_PATTERNS[k] for k in self.options.train)
+        return [n for n, _ in model.named_parameters() if re.search(pattern, n)]
+
+
+class BitFitMethod(BaseWeightMethod):
+    def has_bias(self, model) -> bool:
+        return any(n.endswith(".bias") for n, _ in model.named_parameters())
+
+    @property
+    def note(self):
+        return "bias-free models (Llama, the toy): trains the normalisation gains instead (no_bias: norms)"
+
+    def selected(self, model):
+        from alignment.errors import UserError
+
+        if self.has_bias(model):
+            return [n for n, _ in model.named_parameters() if n.endswith(".bias")]
+        if self.options.no_bias == "error":
+            raise UserError("adapter.method: bitfit trains bias terms, but this model has none; set "
+                            "`no_bias: norms` to train the normalisation gains instead, or pick another method")
+        import logging
+
+        logging.getLogger("alignment").warning(
+            "bitfit: the model has no bias terms; training the normalisation gains (RMSNorm/LayerNorm weights) instead")
+        return [n for n, _ in model.named_parameters() if re.search(MODULE_PATTERNS["norms"], n)]
+
+
+# ---------------------------------------------------------------------------------------- inserted modules
+
+
+def _bottleneck_class():
+    import torch
+
+    class Bottleneck(torch.nn.Module):
+        """``scaling * up(act(down(x)))``; ``up`` starts at zero, so an inserted adapter leaves the model unchanged."""
+
+        def __init__(self, hidden: int, size: int, activation: str, scaling: float, dtype, device):
+            super().__init__()
+            self.down = torch.nn.Linear(hidden, size, dtype=dtype, device=device)
+            self.up = torch.nn.Linear(size, hidden, dtype=dtype, device=device)
+            self.act = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "silu": torch.nn.SiLU}[activation]()
+            self.scaling = scaling
+            torch.nn.init.zeros_(self.up.weight)
+            torch.nn.init.zeros_(self.up.bias)
+
+        def forward(self, x):
+            return self.scaling * self.up(self.act(self.down(x)))
+
+    return Bottleneck
+
+
+PLACEMENTS = {"houlsby": (("self_attn", False), ("mlp", False)), "pfeiffer": (("mlp", False),),
+              "parallel": (("mlp", True),)}  # (sublayer, parallel: adapter reads the sublayer's input)
+
+
+def insert_bottlenecks(model, size: int, placement: str, activation: str, scaling: float) -> list[str]:
+    """Adds ``<sublayer>_adapter`` modules to every decoder layer, applied by forward hooks (so base parameter
+    names stay as they are). Returns the new parameter names."""
+    Bottleneck = _bottleneck_class()
+    inner = getattr(model, model.base_model_prefix)
+    ref = next(model.parameters())
+    for layer in inner.layers:
+        for sublayer, parallel in PLACEMENTS[placement]:
+            adapter = Bottleneck(model.config.hidden_size, size, activation, scaling, ref.dtype, ref.device)
+            layer.add_module(f"{sublayer}_adapter", adapter)
+            adapter.hook = getattr(layer, sublayer).register_forward_hook(_adapter_hook(adapter, parallel),
+                                                                          with_kwargs=True)
+    return [n for n, _ in model.named_parameters() if "_adapter." in n]
+
+
+def _adapter_hook(adapter, parallel: bool):
+    def hook(module, args, kwargs, output):
+        x = args[0] if args else kwargs["hidden_states"]
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden + adapter(x if parallel else hidden)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    return hook
+
+
+def remove_bottlenecks(model) -> None:
+    inner = getattr(model, model.base_model_prefix)
+    for layer in inner.layers:
+        for sublayer in ("self_attn", "mlp"):
+            adapter = getattr(layer, f"{sublayer}_adapter", None)
+            if adapter is not None:
+                adapter.hook.remove()
+                delattr(layer, f"{sublayer}_adapter")
+
+
+BOTTLENECK_FILE = "bottleneck.safetensors"
+
+
+class BottleneckMethod(Method):
+    family = "modules"
+    rollout = "hf"
+    stages = ("sft",)
+    changes_base = True
+    note = "our own modules: neither peft nor vLLM know them"
+
+    def insert(self, policy) -> list[str]:
+        o = self.options
+        return insert_bottlenecks(policy.base, o.size, o.placement, o.activation, o.scaling)
+
+    def prepare(self, policy, name):
+        mark_trainable(policy.base, self.insert(policy))
+        return policy.base
+
+    def save(self, policy, name, folder):
+        from alignment.io import atomic_dir
+
+        with atomic_dir(Path(folder)) as tmp:
+            self.save_modules(policy, tmp)
+        return folder
+
+    def save_modules(self, policy, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        state = {n: p.detach().contiguous() for n, p in policy.base.named_parameters() if "_adapter." in n}
+        save_file(state, str(folder / BOTTLENECK_FILE))
+        (folder / "method.json").write_text(json.dumps({**self.options.model_dump(), "base": policy.model_path}))
+
+    def load(self, policy, name, folder, trainable=False):
+        from safetensors.torch import load_file
+
+        names = self.insert(policy)
+        state = load_file(str(Path(folder) / BOTTLENECK_FILE))
+        params = dict(policy.base.named_parameters())
+        for n in names:
+            params[n].data.copy_(state[n])
+            params[n].requires_grad_(trainable)
+        return policy.base
+
+    def release(self, policy, name):
+        remove_bottlenecks(policy.base)
+
+
+class MamMethod(BottleneckMethod):
+    family = "modules"
+    note = "prefix tuning (peft) + our parallel bottleneck: HF engine only"
+
+    def insert(self, policy):
+        o = self.options
+        return insert_bottlenecks(policy.base, o.size, "parallel", "relu", o.scaling)
+
+    def trainer_args(self):
+        return self.prefix().trainer_args()
+
+    def prefix(self) -> PrefixMethod:
+        return PrefixMethod(PrefixOptions(num_virtual_tokens=self.options.num_virtual_tokens))
+
+    def prepare(self, policy, name):
+        names = set(self.insert(policy))
+        model = self.prefix().prepare(policy, name)
+        policy.extra_trainable[name] = [p for n, p in policy.base.named_parameters() if n in names]
+        policy.activate(name)
+        return model
+
+    def save(self, policy, name, folder):
+        policy.save_adapter(name, folder)
+        self.save_modules(policy, Path(folder))
+        return folder
+
+    def load(self, policy, name, folder, trainable=False):
+        BottleneckMethod.load(self, policy, name, folder, trainable)
+        policy.load_adapter(name, folder, trainable=trainable)
+        if trainable:
+            policy.extra_trainable[name] = [p for n, p in policy.base.named_parameters() if "_adapter." in n]
+            policy.activate(name)
+        return policy.model
+
+    def release(self, policy, name):
+        policy.extra_trainable.pop(name, None)
+        policy.delete_adapter(name)
+        remove_bottlenecks(policy.base)
+
+
+METHOD_CLASSES: dict[str, type[Method]] = {
+    "lora": LoraMethod, "rslora": RsLoraMethod, "dora": DoraMethod, "qlora": QLoraMethod, "ia3": IA3Method,
+    "prefix": PrefixMethod, "prompt": PromptMethod, "ptuning": PTuningMethod, "bottleneck": BottleneckMethod,
+    "full": FullMethod, "freeze": FreezeMethod, "head": HeadMethod, "modules": ModulesMethod, "bitfit": BitFitMethod,
+    "mam": MamMethod,
+}
+
+
+def method_for(options: MethodOptions) -> Method:
+    return METHOD_CLASSES[options.method](options)
+
+
+def default_options(name: str) -> MethodOptions:
+    """The method's options with their defaults (freeze: train the top decoder layer)."""
+    if name == "freeze":
+        return FreezeOptions(train_top=1)
+    return OPTION_CLASSES[name]()
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def stage_problems(index: int, kind: str, options: MethodOptions, where: str) -> list[str]:
+    """A built-in stage kind that does not accept the method: one line naming the field and what to do."""
+    method = method_for(options)
+    if kind in ALL_STAGES and kind not in method.stages:
+        return [f"{where}.method: a {kind!r} stage does not support method {method.name!r} (it supports: "
+                f"{', '.join(method.stages)}); override `adapter:` for this stage, e.g. `adapter: {{method: lora}}` "
+                "(see `alignment methods`)"]
+    return []
+
+
+def config_problems(config) -> list[str]:
+    """Method checks across the pipeline: per-stage support, and QLoRA set where it can take effect."""
+    problems = []
+    for i, stage in enumerate(config.stages):
+        where = f"stages.{i}.adapter" if stage.adapter is not None else "adapter"
+        problems += stage_problems(i, stage.kind, config.adapter_for(stage), where)
+        if stage.adapter is not None and stage.adapter.method == "qlora" and config.adapter.method != "qlora":
+            problems.append(f"stages.{i}.adapter.method: qlora quantises the shared base for the whole run; set "
+                            "`method: qlora` in the top-level `adapter:` block instead")
+    return problems
+
+
+def quantization_for(config):
+    """The bitsandbytes config the shared base is loaded with (QLoRA), or None."""
+    if config.adapter.method == "qlora":
+        return QLoraMethod(config.adapter).quantization_config()
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ online stages
+
+
+class FrozenBasePolicy:
+    """What an online stage sees when the policy's method trains base weights (full, freeze, head, modules, bitfit).
+
+    Nothing can share weights that the policy changes, so three models are held:
+        `policy`     the trainable model (loaded from the SFT artifact)
+        `reference`  a frozen copy of it as the stage starts (the SFT policy)
+        shared base  the unchanged base of the run, where the reward and value adapters (LoRA) live
+    Every name other than `policy`/`reference` is handed to the shared ``SharedPolicy``. The cost: two extra copies of
+    the base weights (see ``memory_note``).
+    """
+
+    def __init__(self, shared: SharedPolicy, method: BaseWeightMethod, folder: Path):
+        from transformers import AutoModelForCausalLM
+
+        self.shared, self.method = shared, method
+        self.tokenizer, self.model_path = shared.tokenizer, shared.model_path
+        self.policy_model = AutoModelForCausalLM.from_pretrained(folder, dtype=shared.base.dtype).to(shared.base.device)
+        mark_trainable(self.policy_model, method.selected(self.policy_model))
+        self.reference_model = copy.deepcopy(self.policy_model).eval()
+        self.reference_model.requires_grad_(False)
+
+    def __getattr__(self, name):  # base, model, backbone, attach... of the shared base
+        if name == "shared":
+            raise AttributeError(name)
+        return getattr(self.shared, name)
+
+    def add_adapter(self, name: str, cfg) -> None:
+        """Value adapters are LoRA on the frozen shared base, whatever the policy's method."""
+        self.shared.add_adapter(name, cfg if cfg.method == "lora" else LoraOptions())
+
+    def named_model(self, name: str):
+        return {"policy": self.policy_model, "reference": self.reference_model}.get(name)
+
+    def using(self, name: str):
+        import contextlib
+
+        model = self.named_model(name)
+        if model is None:
+            return self.shared.using(name)
+        return contextlib.nullcontext(model)
+
+    def adapter_parameters(self, name: str) -> list:
+        if name == "policy":
+            return [p for p in self.policy_model.parameters() if p.requires_grad]
+        return self.shared.adapter_parameters(name)
+
+    def save_adapter(self, name: str, folder: Path) -> None:
+        if name != "policy":
+            return self.shared.save_adapter(name, folder)
+        from alignment.io import atomic_dir
+
+        with atomic_dir(Path(folder)) as tmp:
+            self.policy_model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            (tmp / "method.json").write_text(json.dumps(self.method.options.model_dump()))
+
+    def delete_adapter(self, name: str) -> None:
+        if name == "reference":
+            self.reference_model = None
+        elif name != "policy":
+            self.shared.delete_adapter(name)
+
+    def activate(self, name: str, trainable=None) -> None:
+        if self.named_model(name) is None and name != "policy":
+            self.shared.activate(name, trainable)
+
+    def policy_state_dict(self) -> dict[str, torch.Tensor]:
+        """The policy's full weights (for a full-weight reload into vLLM)."""
+        return {k: v.detach().clone().contiguous() for k, v in self.policy_model.state_dict().items()}
+
+
+def online_policy(ctx):
+    """The policy an online stage trains: the shared one with `policy` and a frozen `reference` adapter, or, for a
+    base-weight method, a ``FrozenBasePolicy`` (said on the console with its memory cost)."""
+    method = method_for(ctx.adapter)
+    policy = ctx.policy
+    if not method.changes_base:
+        policy.load_adapter("policy", ctx.artifact("policy"), trainable=True)
+        policy.freeze_copy("policy", "reference")
+        return policy
+    if not isinstance(method, BaseWeightMethod):
+        from alignment.errors import UserError
+
+        raise UserError(f"stages.{ctx.index}.adapter.method: {method.name!r} is not supported by online stages")
+    from alignment.metrics import console
+
+    console.print(f"adapter.method {method.name}: the policy trains base weights; reference and reward/value "
+                  f"adapters use frozen copies ({memory_note(policy.base)})")
+    return FrozenBasePolicy(policy, method, ctx.artifact("policy"))
+
+
+def rollout_path(ctx, model) -> tuple[str, str, str]:
+    """(engine choice, sync, what to say) for an online stage's method on ``model``: `hf` methods force the HF
+    engine, `merged` methods a full-weight reload; LoRA keeps the configured choice."""
+    path, why = method_for(ctx.adapter).rollout_for(model)
+    said = f"adapter.method {ctx.adapter.method}: PPO rollout path is {ROLLOUT_WORDS[path]}"
+    said += f" ({why})" if why else ""
+    if path == "hf":
+        return "hf", "shared", said
+    if path == "merged":
+        return ctx.rollout.engine, "merged", said
+    return ctx.rollout.engine, ctx.rollout.sync, said
+
+
+ROLLOUT_WORDS = {"lora": "LoRA hot-swap in vLLM", "merged": "full-weight reload into vLLM", "hf": "HF engine only"}
+
+
+def parameter_bytes(model) -> int:
+    """Bytes of the base's own parameters (adapters other stages left on it not counted)."""
+    adapter = re.compile(r"lora_|ia3_|_adapter\.|magnitude_vector")
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not adapter.search(n))
+
+
+def memory_note(model) -> str:
+    mb = parameter_bytes(model) / 2**20
+    return f"+2 copies of the base weights in online stages: +{2 * mb:.1f} MiB"
+
+
+# ------------------------------------------------------------------------------------------------ catalogue
+
+
+def count_trainable(model_path: str, options: MethodOptions, trust_remote_code: bool = False):
+    """(trainable, total base parameters, base bytes, (rollout path, why)) of a method on a model, built on the meta
+    device (no weights loaded; QLoRA is counted unquantised: its trainable LoRA parameters are the same)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from alignment.policy import SharedPolicy
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    base.name_or_path = model_path
+    total, size = sum(p.numel() for p in base.parameters()), parameter_bytes(base)
+    tokenizer = AutoTokenizer.from_pretrained(model_path) if getattr(options, "init_text", None) else None
+    policy = SharedPolicy(base, tokenizer, model_path)
+    method = method_for(options)
+    rollout = method.rollout_for(base)
+    model = method.prepare(policy, "policy")
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total, size, rollout
+
+
+def catalogue(model_path: str, configured: MethodOptions | None = None) -> list[dict]:
+    """One row per method: trainable params (count, %), stages, PPO rollout path, memory. The configured method's
+    row uses its configured options; the others use defaults."""
+    import logging
+
+    rows, log = [], logging.getLogger("alignment")
+    for name in METHODS:
+        options = configured if configured is not None and configured.method == name else default_options(name)
+        method = method_for(options)
+        level, log.level = log.level, logging.ERROR  # the notes column says what bitfit's warning would
+        try:
+            trainable, total, size, (rollout, why) = count_trainable(model_path, options)
+        finally:
+            log.level = level
+        if isinstance(method, BaseWeightMethod):
+            memory = f"online: frozen copies for reference + reward/value, +{2 * size / 2**20:.1f} MiB"
+        elif name == "qlora":
+            memory = "shared base in 4-bit"
+        else:
+            memory = "shared base"
+        rows.append({
+            "method": name, "trainable": trainable, "percent": 100.0 * trainable / total, "total": total,
+            "stages": "all" if method.stages == ALL_STAGES else ", ".join(method.stages),
+            "rollout": ROLLOUT_WORDS[rollout], "memory": memory, "note": why,
+        })
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| method | trainable | % | stages | PPO rollout | memory | note |", "|---|---:|---:|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['trainable']:,} | {r['percent']:.2f} | {r['stages']} | {r['rollout']} | "
+                     f"{r['memory']} | {r['note']} |")
+    return "\n".join(lines)

@@ -1,0 +1,84 @@
+"""Optimiser schedules from the fine-tuning catalogue, for trainer-based stages (SFT and the stages built on it).
+
+- layer-wise learning-rate decay (LLRD): parameters are grouped by depth (``alignment.methods.layer_group``:
+  0 embeddings, i + 1 decoder layer i, L + 1 final norm / head / virtual-token encoders); group g trains at
+  ``learning_rate * decay ** (L + 1 - g)``;
+- progressive unfreezing: only the top non-empty group trains at first; every ``every`` steps (or epochs) one more
+  group below joins (a ``TrainerCallback`` switching ``requires_grad``; AdamW skips parameters without gradients,
+  so a frozen group stays bit-identical);
+- warmup + cosine/linear decay, weight decay and gradient clipping are the stage's own fields
+  (`lr_scheduler`, `warmup_ratio`, `weight_decay`, `max_grad_norm`), handed to the transformers Trainer.
+"""
+
+from __future__ import annotations
+
+from transformers import TrainerCallback
+
+from alignment.methods import layer_group, num_layers
+
+
+def parameter_groups(model, learning_rate: float, weight_decay: float, layer_decay: float | None) -> list[dict]:
+    """AdamW parameter groups of the trainable parameters: one per (depth group, decayed or not). Matrices get
+    ``weight_decay``; vectors (norm gains, biases) none, as transformers does."""
+    L = num_layers(model)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        depth, decays = layer_group(name, L), param.ndim >= 2
+        scale = layer_decay ** (L + 1 - depth) if layer_decay else 1.0
+        group = groups.setdefault((depth, decays), {
+            "params": [], "names": [], "depth": depth, "lr": learning_rate * scale,
+            "weight_decay": weight_decay if decays else 0.0,
+        })
+        group["params"].append(param)
+        group["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+class ProgressiveUnfreezing(TrainerCallback):
+    """Top group first; one more group below every ``every`` steps (unit ``steps``) or epochs (unit ``epochs``)."""
+
+    def __init__(self, groups: list[dict], every: int, unit: str = "steps"):
+        depths = sorted({g["depth"] for g in groups}, reverse=True)
+        self.schedule = [[p for g in groups if g["depth"] == d for p in g["params"]] for d in depths]
+        self.depths = depths
+        self.every, self.unit = every, unit
+        self.unfrozen = 0
+
+    def unfrozen_groups(self, step: int, epoch: float) -> int:
+        done = step if self.unit == "steps" else int(epoch)
+        return min(len(self.schedule), 1 + done // self.every)
+
+    def apply(self, step: int, epoch: float) -> None:
+        n = self.unfrozen_groups(step, epoch)
+        if n == self.unfrozen:
+            return
+        for i, params in enumerate(self.schedule):
+            for p in params:
+                p.requires_grad_(i < n)
+        self.unfrozen = n
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.apply(0, 0.0)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.apply(state.global_step, state.epoch or 0.0)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for params in self.schedule:  # the method's trainable set, as it was
+            for p in params:
+                p.requires_grad_(True)
+
+
+def trainer_schedule(cfg, model) -> tuple[dict, list]:
+    """(Trainer keyword arguments, callbacks) for a stage config's `layer_lr_decay` / `unfreeze_every`; nothing when
+    neither is set (the Trainer builds its own AdamW)."""
+    if not cfg.layer_lr_decay and not cfg.unfreeze_every:
+        return {}, []
+    groups = parameter_groups(model, cfg.learning_rate, cfg.weight_decay, cfg.layer_lr_decay)
+    import torch
+
+    optimizer = torch.optim.AdamW(groups)
+    callbacks = [ProgressiveUnfreezing(groups, cfg.unfreeze_every, cfg.unfreeze_unit)] if cfg.unfreeze_every else []
+    return {"optimizers": (optimizer, None)}, callbacks

@@ -1,0 +1,258 @@
+"""The fine-tuning methods catalogue (alignment/methods.py) on the real toy model: every method trains what it says
+and nothing else, reloads to the same logits, has the trainable-parameter count a hand count gives, runs an SFT
+stage from the config alone; layer-wise LR decay and progressive unfreezing act through the real trainer; PPO with
+full fine-tuning takes the path the matrix names."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignment.config import config_from_dict
+from alignment.errors import ConfigError
+from alignment.methods import METHODS, OPTION_CLASSES, catalogue, default_options, method_for
+from alignment.pipeline import Pipeline
+from alignment.policy import SharedPolicy
+
+
+def toy_dims(toy_dir) -> dict:
+    c = json.loads((toy_dir / "model" / "config.json").read_text())
+    assert c["tie_word_embeddings"] and not c["attention_bias"] and not c["mlp_bias"]  # what the counts below assume
+    return {"H": c["hidden_size"], "I": c["intermediate_size"], "L": c["num_hidden_layers"], "V": c["vocab_size"]}
+
+
+def hand_count(method: str, H: int, I: int, L: int, V: int) -> int:  # noqa: E741
+    """Trainable parameters of each method with its default options, counted from the Llama architecture by hand."""
+    r, tokens, hidden = 16, 16, 128  # LoRA rank, virtual tokens, prompt-encoder width (the option defaults)
+    lora = L * r * (4 * (H + H) + 2 * (H + I) + (I + H))  # A: r x in, B: out x r on q,k,v,o, gate,up, down
+    layer = 4 * H * H + 3 * H * I + 2 * H  # attention, MLP, two RMSNorm gains
+    bottleneck = lambda b: H * b + b + b * H + H  # noqa: E731  down and up, with biases
+    return {
+        "lora": lora, "rslora": lora, "qlora": lora,
+        "dora": lora + L * (4 * H + 2 * I + H),  # + a magnitude per output channel
+        "ia3": L * (H + H + I),  # k and v outputs, down-projection input
+        "prefix": tokens * L * 2 * H,  # a key and a value vector per virtual token and layer
+        "prompt": tokens * H,
+        "ptuning": tokens * H + (H * hidden + hidden) + (hidden * hidden + hidden) + (hidden * H + H),
+        "bottleneck": L * bottleneck(32),  # pfeiffer: after each FFN
+        "full": V * H + L * layer + H,  # the head is tied to the embeddings
+        "freeze": layer + H,  # top layer + final norm
+        "head": V * H,
+        "modules": L * 4 * H * H,  # attention
+        "bitfit": L * 2 * H + H,  # no biases in Llama: the norm gains
+        "mam": tokens * L * 2 * H + L * bottleneck(64),
+    }[method]
+
+
+def lm_batch(policy, n: int = 4):
+    from alignment.data import sft_rows
+
+    rows, _ = sft_rows("toy:sft", {}, "data")
+    texts = [r["prompt"] + r["completion"] for r in rows[:n]]
+    batch = policy.tokenizer(texts, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return batch, labels
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_method_trains_only_its_parameters_and_reloads_to_the_same_logits(name, toy_dir, tmp_path):
+    model_path = str(toy_dir / "model")
+    method = method_for(default_options(name))
+    quantization = method.quantization_config() if name == "qlora" else None
+    torch.manual_seed(0)
+    policy = SharedPolicy.load(model_path, quantization=quantization)
+    model = method.prepare(policy, "policy")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    counted = sum(p.numel() for n, p in model.named_parameters() if n in trainable)
+    assert counted == hand_count(name, **toy_dims(toy_dir))
+
+    batch, labels = lm_batch(policy)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):  # zero-initialised factors (LoRA B, bottleneck up) let the others move from step 2 on
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for n, p in model.named_parameters():
+        if n in trainable:
+            assert not torch.equal(p, before[n]), f"{name}: trainable {n} did not change"
+        else:
+            assert torch.equal(p, before[n]), f"{name}: frozen {n} changed"
+
+    model.eval()
+    T = batch["input_ids"].shape[1]  # prompt tuning also returns logits at its virtual tokens: compare the real ones
+    with torch.no_grad():
+        trained_logits = model(**batch).logits[:, -T:]
+    method.save(policy, "policy", tmp_path / "saved")
+    fresh = SharedPolicy.load(model_path, quantization=quantization)
+    reloaded = method.load(fresh, "policy", tmp_path / "saved")
+    reloaded.eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**batch).logits[:, -T:], trained_logits, atol=1e-5)
+        base_logits = SharedPolicy.load(model_path, quantization=quantization).base(**batch).logits
+    assert not torch.allclose(base_logits, trained_logits, atol=1e-3)  # the reload carries the training
+
+
+def test_qlora_base_is_4bit_nf4_on_cpu(toy_dir):
+    import bitsandbytes as bnb
+
+    method = method_for(OPTION_CLASSES["qlora"]())
+    policy = SharedPolicy.load(str(toy_dir / "model"), quantization=method.quantization_config())
+    q_proj = policy.base.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, bnb.nn.Linear4bit) and q_proj.weight.quant_type == "nf4"
+    assert q_proj.weight.device.type == "cpu" and q_proj.weight.dtype == torch.uint8
+
+
+SFT_STAGE = {"kind": "sft", "max_steps": 3, "batch_size": 4, "max_samples": 64, "eval_fraction": 0.0,
+             "lr_scheduler": "constant", "warmup_ratio": 0.0, "learning_rate": 1.0e-3}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One output folder for this module's runs: they share one run name, so the base model's gold evaluation
+    (base_eval.json) is computed once; each test's stages run again because their configs differ."""
+    return tmp_path_factory.mktemp("method_runs")
+
+
+def run_pipeline(tmp_path, adapter: dict, *stages: dict, name: str = "m"):
+    raw = {"name": name, "model": "toy", "output_dir": str(tmp_path), "adapter": adapter,
+           "logging": {"log_every": 50}, "stages": list(stages)}
+    pipeline = Pipeline(config_from_dict(raw)[0])
+    return pipeline, pipeline.run(), tmp_path / name
+
+
+def toy_weights(toy_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(toy_dir / "model" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_runs_an_sft_stage_from_the_config_alone(name, toy_dir, runs):
+    options = default_options(name).model_dump()
+    pipeline, summary, run_dir = run_pipeline(runs, options, SFT_STAGE)
+    stage = summary["stages"][0]
+    assert stage["status"] == "done" and "gold_reward" in stage["metrics"]
+    method = method_for(default_options(name))
+    policy = pipeline.policy()
+    original = toy_weights(toy_dir)
+    if method.family == "base":  # a plain model folder: the selected weights moved, every other one is the toy's
+        saved = load_file(str(run_dir / stage["artifacts"]["policy"] / "model.safetensors"))
+        selected = set(method.selected(policy.base))
+        assert selected
+        for n, tensor in original.items():
+            assert torch.equal(saved[n], tensor) != (n in selected), n
+    else:  # an adapter (or our modules) next to the shared base, which stays the toy's, bit for bit
+        assert (run_dir / stage["artifacts"]["policy"] / ("bottleneck.safetensors" if name == "bottleneck"
+                                                          else "adapter_config.json")).exists()
+    if name != "qlora":  # base-weight and module methods hand the shared base back unchanged after the stage
+        state = policy.base.state_dict()
+        assert all(torch.equal(state[n], t) for n, t in original.items() if n in state)
+        assert not any("_adapter." in n for n in state)
+
+
+def test_layerwise_lr_decay_through_the_trainer(toy_dir, runs):
+    """One AdamW step moves each element by about the group's learning rate (sign of the gradient, bias-corrected):
+    the largest change per tensor reads the learning rate back. L = 4: layer i trains at lr * 0.5 ** (4 - i),
+    the (tied) embeddings at lr * 0.5 ** 5, the final norm at lr."""
+    stage = {**SFT_STAGE, "max_steps": 1, "layer_lr_decay": 0.5}
+    _, summary, run_dir = run_pipeline(runs, {"method": "full"}, stage)
+    saved = load_file(str(run_dir / summary["stages"][0]["artifacts"]["policy"] / "model.safetensors"))
+    original = toy_weights(toy_dir)
+    step = {n: (saved[n] - t).abs().max().item() for n, t in original.items()}
+    lr = 1.0e-3
+    for i in range(4):
+        assert step[f"model.layers.{i}.self_attn.q_proj.weight"] == pytest.approx(lr * 0.5 ** (4 - i), rel=0.02)
+        assert step[f"model.layers.{i}.mlp.down_proj.weight"] == pytest.approx(lr * 0.5 ** (4 - i), rel=0.02)
+    assert step["model.embed_tokens.weight"] == pytest.approx(lr * 0.5**5, rel=0.02)
+    assert step["model.norm.weight"] == pytest.approx(lr, rel=0.02)
+
+
+def test_layerwise_lr_groups_by_hand(toy_dir):
+    from alignment.schedules import parameter_groups
+
+    policy = SharedPolicy.load(str(toy_dir / "model"))
+    method_for(default_options("full")).prepare(policy, "policy")
+    groups = parameter_groups(policy.base, 1e-3, 0.1, 0.8)
+    by_name = {n: g for g in groups for n in g["names"]}
+    assert by_name["model.layers.2.mlp.up_proj.weight"]["lr"] == pytest.approx(1e-3 * 0.8**2)
+    assert by_name["model.layers.2.mlp.up_proj.weight"]["weight_decay"] == 0.1
+    assert by_name["model.layers.2.input_layernorm.weight"]["weight_decay"] == 0.0  # vectors are not decayed
+    assert by_name["model.layers.0.self_attn.q_proj.weight"]["lr"] == pytest.approx(1e-3 * 0.8**4)
+    assert by_name["model.norm.weight"]["lr"] == pytest.approx(1e-3)
+    assert sum(len(g["params"]) for g in groups) == len(list(policy.base.parameters()))
+
+
+def test_progressive_unfreezing_on_schedule(toy_dir, runs):
+    """Full fine-tuning, one more group every 2 steps, 3 steps: steps 0-1 train the top group (final norm), step 2
+    adds layer 3; layers 0-2 and the (tied) embeddings stay the toy's, bit for bit."""
+    stage = {**SFT_STAGE, "unfreeze_every": 2}
+    _, summary, run_dir = run_pipeline(runs, {"method": "full"}, stage)
+    saved = load_file(str(run_dir / summary["stages"][0]["artifacts"]["policy"] / "model.safetensors"))
+    for n, tensor in toy_weights(toy_dir).items():
+        moved = not torch.equal(saved[n], tensor)
+        assert moved == (n == "model.norm.weight" or n.startswith("model.layers.3.")), n
+
+
+def test_bad_method_options_are_rejected_before_any_model_loads():
+    def problems(adapter, *kinds):
+        with pytest.raises(ConfigError) as e:
+            config_from_dict({"name": "x", "adapter": adapter, "stages": [{"kind": k} for k in kinds or ["sft"]]})
+        return e.value.problems
+
+    assert problems({"method": "prefix", "num_virtual_token": 4}) == [
+        "adapter.num_virtual_token: unknown key; did you mean `num_virtual_tokens`?"]
+    assert problems({"method": "freeze"})[0].startswith("adapter: Value error, set exactly one of `train_top`")
+    assert "unknown `method`" in problems({"method": "loha"})[0]
+    assert problems({"method": "bottleneck", "placement": "middle"})[0].startswith("adapter.placement:")
+    assert problems({"method": "full"}, "sft", "dpo") == [
+        "adapter.method: a 'dpo' stage does not support method 'full' (it supports: sft, ppo); override `adapter:` "
+        "for this stage, e.g. `adapter: {method: lora}` (see `alignment methods`)"]
+    raw = {"name": "x", "adapter": {"method": "lora", "r": 4}, "stages": [{"kind": "sft"}]}
+    config, warnings = config_from_dict(raw, ["adapter.method=prompt"])
+    assert config.adapter.method == "prompt" and "dropped options it does not have: r" in warnings[0]
+
+
+def test_methods_command_prints_the_matrix(toy_dir, capsys):
+    from alignment.cli import main
+
+    assert main(["methods"]) == 0
+    printed = capsys.readouterr().out
+    rows = {r["method"]: r for r in catalogue(str(toy_dir / "model"))}
+    for row in rows.values():
+        r = row
+        assert f"| {r['method']} | {r['trainable']:,} | {r['percent']:.2f} | {r['stages']} | {r['rollout']} |" in printed
+    assert rows["full"]["percent"] == 100.0 and rows["full"]["rollout"] == "HF engine only"  # tied embeddings
+    assert rows["freeze"]["rollout"] == rows["dora"]["rollout"] == "full-weight reload into vLLM"
+    assert rows["prefix"]["rollout"] == "HF engine only" and rows["lora"]["rollout"] == "LoRA hot-swap in vLLM"
+    assert "+6.3 MiB" in rows["full"]["memory"]  # two fp32 copies of 829,312 parameters
+    assert all(rows[m]["trainable"] == hand_count(m, **toy_dims(toy_dir)) for m in METHODS)
+
+
+@pytest.mark.parametrize(("adapter", "engine", "sync"), [
+    ({"method": "full"}, "hf", "shared"),  # trains the toy's tied embeddings: the matrix names the HF engine
+    ({"method": "freeze", "train_top": 1}, "vllm", "merged"),  # full-weight reloads into vLLM
+])
+def test_ppo_with_a_base_weight_method_takes_the_path_the_matrix_names(adapter, engine, sync, toy_dir, runs):
+    """SFT -> PPO (toy gold reward) with a method that trains base weights: the engine and sync the matrix names,
+    engine log-probs equal to the trainer's (the reload is exact), a reference that is a frozen copy of the SFT
+    policy (KL 0 before the first update), PPO moved the policy, and the shared base stayed the toy's."""
+    ppo = {"kind": "ppo", "reward": "toy_gold", "iterations": 2, "batch_size": 8, "minibatch_size": 8, "ppo_epochs": 1,
+           "max_new_tokens": 8, "learning_rate": 1.0e-4, "gold_eval_every": 100, "sync_check_every": 1,
+           "checkpoint_every": 100, "reward_normalization": "running"}
+    pipeline, summary, run_dir = run_pipeline(runs, adapter, SFT_STAGE, ppo)
+    method = method_for(OPTION_CLASSES[adapter["method"]](**adapter))
+    assert method.rollout_for(pipeline.policy().base)[0] == {"hf": "hf", "vllm": "merged"}[engine]  # the matrix's path
+    sft, stage = summary["stages"]
+    assert stage["engine"] == engine and stage["sync_mode"] == sync
+    assert stage["metrics"]["sync_logprob_diff_max"] < 1e-3
+    first = json.loads((run_dir / "1-ppo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6)
+    sft_weights = load_file(str(run_dir / sft["artifacts"]["policy"] / "model.safetensors"))
+    ppo_weights = load_file(str(run_dir / stage["artifacts"]["policy"] / "model.safetensors"))
+    selected = set(method.selected(pipeline.policy().base))
+    assert {n for n, t in sft_weights.items() if not torch.equal(ppo_weights[n], t)} == selected - {"lm_head.weight"}
+    state = pipeline.policy().base.state_dict()
+    assert all(torch.equal(state[n], t) for n, t in toy_weights(toy_dir).items())
