@@ -76,10 +76,12 @@ class DPOStage:
         )
         use_console_progress(trainer)
         record_reference(ctx, rows[:4])
-        output = trainer.train()
+        from alignment.trainer_hooks import train
+
+        train_loss = train(trainer, ctx)  # checkpoints, resume, NaN guard
         policy.model.eval()
 
-        metrics = {"train_loss": round(output.training_loss, 4), "train_pairs": len(rows), "dropped_pairs": dropped}
+        metrics = {"train_loss": round(train_loss, 4), "train_pairs": len(rows), "dropped_pairs": dropped}
         metrics.update(trl_reward_metrics(trainer, bool(eval_rows)))
         metrics["reference_max_abs_diff"] = reference_drift(policy, sft_adapter)
         target = save_policy(ctx)
