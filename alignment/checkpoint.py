@@ -201,6 +201,15 @@ def load_online_checkpoint(folder: Path, optimizers: dict) -> tuple[dict, dict]:
     return tensors, meta["state"]
 
 
+def load_adapter_weights(model, name: str, file: Path) -> None:
+    """Copy a saved adapter's weights into adapter ``name`` of the peft ``model`` in place (the parameters keep
+    their identity, so optimisers built over them stay valid)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(file)), adapter_name=name)
+
+
 def _jsonable(value):
     if isinstance(value, tuple):
         return list(value)

@@ -62,16 +62,13 @@ class ReliabilityCallback(TrainerCallback):
 def restore_adapters(model, folder: Path) -> None:
     """Load every named adapter of ``model`` from a trainer checkpoint (peft puts ``default`` at the top and the
     others in sub-folders named after them)."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     for name in getattr(model, "peft_config", {}) or {}:
         candidates = [folder / name / "adapter_model.safetensors"]
         if name == "default":
             candidates.append(folder / "adapter_model.safetensors")
         found = next((c for c in candidates if c.is_file()), None)
         if found is not None:
-            set_peft_model_state_dict(model, load_file(str(found)), adapter_name=name)
+            checkpoint.load_adapter_weights(model, name, found)
 
 
 def train(trainer, ctx) -> float:

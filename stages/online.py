@@ -76,6 +76,7 @@ class OnlineRun:
         self.sync_diffs: list[tuple[float, float]] = []
         self.gold: dict = {}
         self.samples = 0
+        self.iteration = 0
         self.start_time = time.time()
 
     @property
@@ -103,6 +104,7 @@ class OnlineRun:
     def generate(self, prompts: list[str]):
         t0 = time.time()
         rollout = self.engine.generate(prompts, self.sampling)
+        self.iteration += 1  # one rollout per iteration (named in non-finite errors)
         self.timing["generate"] += time.time() - t0
         self.samples += len(prompts)
         return rollout
@@ -111,8 +113,11 @@ class OnlineRun:
         """(raw scores (B,), normalised scores minus the unfinished penalty (B,), finished (B,))."""
         import torch
 
+        from alignment.guards import check_finite
+
         t0 = time.time()
         raw = self.reward_model.score(rollout.prompts, rollout.texts).float()
+        check_finite(self.ctx.dir.name, self.iteration, reward=raw)
         finished = torch.tensor(rollout.finished, dtype=torch.float32)
         scores = self.normalized.normalize(raw) - self.cfg.unfinished_penalty * (1 - finished)
         self.timing["score"] += time.time() - t0
@@ -173,22 +178,73 @@ class OnlineRun:
         return StageResult(metrics=metrics, artifacts=artifacts,
                            info={"engine": self.engine.name, "sync_mode": self.engine.sync_mode})
 
-    def checkpoint(self, iteration: int, adapters: tuple[str, ...], tensors: dict, optimizers: dict) -> None:
-        """Adapters, extra tensors (safetensors), optimiser states, Python and torch RNG states, the iteration."""
+    def checkpoint(self, iteration: int, adapters: tuple[str, ...], tensors: dict, optimizers: dict,
+                   extra: dict | None = None) -> None:
+        """Every ``checkpoint_every`` iterations (and when Ctrl-C is pending): adapters, extra tensors, optimisers,
+        RNG states, prompt order, counters and ``extra`` (alignment/checkpoint.py; safetensors + JSON, no pickle)."""
+        from alignment import checkpoint, faults
+
+        faults.kill_point(self.ctx.dir.name, f"step:{iteration}")
+        due = iteration % self.cfg.checkpoint_every == 0 or checkpoint.interrupt_requested()
+        if not due or iteration >= self.cfg.iterations:
+            return
+
+        def save_adapters(folder):
+            for name in adapters:
+                self.policy.save_adapter(name, folder / name)
+
+        state = {
+            "iteration": iteration,
+            "python_rng": checkpoint.python_rng_state(random),
+            "order_rng": checkpoint.python_rng_state(self.rng),
+            "order": self.order,
+            "samples": self.samples,
+            "timing": self.timing,
+            "sync_diffs": self.sync_diffs,
+            "gold": self.gold,
+            "normalizer": [self.normalized.mean, self.normalized.var, self.normalized.count],
+            "extra": extra or {},
+        }
+        root = self.ctx.dir / checkpoint.CHECKPOINTS
+        checkpoint.save_online_checkpoint(root / f"iter-{iteration:05d}", iteration, tensors, optimizers, state,
+                                          save_adapters)
+        checkpoint.prune(root, keep=2)
+        checkpoint.stop_if_interrupted(f"{self.ctx.dir.name} iteration {iteration}")
+
+    def resume(self, adapters: tuple[str, ...], tensors: dict, optimizers: dict) -> tuple[int, dict]:
+        """Restore what ``checkpoint`` saved from ``ctx.resume`` (tensors are copied into ``tensors`` in place);
+        returns (the first iteration to run, ``extra``). Without a checkpoint: (1, {})."""
         import torch
-        from safetensors.torch import save_file
 
-        from alignment.io import atomic_write_json
+        from alignment import checkpoint
+        from alignment.metrics import console
 
-        folder = self.ctx.dir / "checkpoints" / f"iter-{iteration:05d}"
+        folder = self.ctx.resume
+        if folder is None:
+            return 1, {}
         for name in adapters:
-            self.policy.save_adapter(name, folder / name)
-        if tensors:
-            save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(folder / "tensors.safetensors"))
-        state = {f"{name}_optimizer": opt.state_dict() for name, opt in optimizers.items()}
-        state.update(python_rng=random.getstate(), torch_rng=torch.get_rng_state(), order_rng=self.rng.getstate())
-        torch.save(state, folder / "state.pt")
-        atomic_write_json(folder / "state.json", {"iteration": iteration})
+            checkpoint.load_adapter_weights(self.policy.model, name, folder / name / "adapter_model.safetensors")
+        saved, state = checkpoint.load_online_checkpoint(folder, optimizers)
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                tensor.copy_(saved[name])
+        checkpoint.set_python_rng_state(random, state["python_rng"])
+        checkpoint.set_python_rng_state(self.rng, state["order_rng"])
+        self.order, self.samples, self.gold = state["order"], state["samples"], state["gold"]
+        self.timing.update(state["timing"])
+        self.sync_diffs = [tuple(d) for d in state["sync_diffs"]]
+        self.normalized.mean, self.normalized.var, self.normalized.count = state["normalizer"]
+        self.iteration = state["iteration"]
+        console.print(f"resuming {self.ctx.dir.name} from {folder.name} (iteration {state['iteration']})")
+        return state["iteration"] + 1, state["extra"]
+
+    def check_gradients(self, iteration: int, norm) -> None:
+        """Stops the stage on a NaN/inf gradient norm (before the optimiser step), logs spikes."""
+        if not hasattr(self, "grad_monitor"):
+            from alignment.guards import GradNormMonitor
+
+            self.grad_monitor = GradNormMonitor(self.ctx.dir.name, self.ctx.logger)
+        self.grad_monitor.check(iteration, float(norm))
 
     # ------------------------------------------------------------------------------------------------ set-up
 
