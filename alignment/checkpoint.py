@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import os
 import re
 import shutil
 import signal
@@ -126,17 +127,44 @@ def _cut_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(kept))
 
 
-def disk_full_error(error: OSError, stage: str, stage_dir: Path) -> UserError | None:
-    """A UserError for a write that failed for lack of space (ENOSPC, EFBIG, EDQUOT), after removing the
-    half-written checkpoint; None for any other OSError."""
-    if error.errno not in DISK_FULL:
+def disk_full_error(error: BaseException, stage: str, stage_dir: Path) -> UserError | None:
+    """A UserError when ``error`` is a write that failed for lack of space (ENOSPC, EFBIG, EDQUOT), after removing
+    the half-written checkpoint; None for anything else.
+
+    ``torch.save`` reports a failed write as a RuntimeError without the errno; for those a 1 MiB probe write in the
+    stage folder tells whether the disk (or the file-size limit) is the cause.
+    """
+    code = _write_errno(error, stage_dir)
+    if code is None:
         return None
     drop_incomplete(stage_dir / CHECKPOINTS)
-    where = f" writing {error.filename}" if error.filename else ""
     return UserError(
-        f"{stage}: no space left{where} ({errno.errorcode.get(error.errno, error.errno)}); free disk space (or raise "
-        "the file-size limit) and rerun the same command: it resumes from the last complete checkpoint"
+        f"{stage}: no space left writing into {stage_dir} ({errno.errorcode.get(code, code)}); free disk space (or "
+        "raise the file-size limit) and rerun the same command: it resumes from the last complete checkpoint"
     )
+
+
+def _write_errno(error: BaseException, stage_dir: Path) -> int | None:
+    chain, seen = [], error
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for e in chain:
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            return e.errno
+    torch_write = ("file write failed", "iostream error", "unexpected pos")
+    if any(isinstance(e, RuntimeError) and any(t in str(e) for t in torch_write) for e in chain):
+        probe = stage_dir / ".space-probe"
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            return e.errno if e.errno in DISK_FULL else None
+        finally:
+            probe.unlink(missing_ok=True)
+    return None
 
 
 # ------------------------------------------------------------------------ online stages: state without pickle

@@ -268,6 +268,11 @@ def config_from_dict(
     model_problem = check_model_ref(raw.get("model", "toy"))
     if model_problem:
         problems.append(f"model: {model_problem}")
+    elif isinstance(raw.get("model", "toy"), str):
+        from alignment.safety import model_folder_problems
+
+        problems += model_folder_problems(raw.get("model", "toy"), raw.get("allow_pickle") is True,
+                                          raw.get("trust_remote_code") is True)
 
     if problems:
         raise ConfigError(source, problems)

@@ -87,7 +87,7 @@ class Pipeline:
 
             cfg = self.config
             with console.status(f"loading model {cfg.model!r}"):
-                self._policy = SharedPolicy.load(cfg.model, cfg.dtype, cfg.trust_remote_code)
+                self._policy = SharedPolicy.load(cfg.model, cfg.dtype, cfg.trust_remote_code, cfg.allow_pickle)
         return self._policy
 
     def fingerprints(self) -> list[str]:
@@ -316,7 +316,7 @@ class Pipeline:
         except BaseException as e:
             logger.close()
             summary["stages"].append({"index": i, "kind": stage_cfg.kind, "status": "failed", "dir": stage_dir.name})
-            full = isinstance(e, OSError) and disk_full_error(e, f"stages.{i} ({stage_cfg.kind})", stage_dir)
+            full = not isinstance(e, UserError) and disk_full_error(e, f"stages.{i} ({stage_cfg.kind})", stage_dir)
             with contextlib.suppress(OSError):  # the disk may be the problem
                 atomic_write_json(cfg.run_dir / "summary.json", summary)
             if full:

@@ -79,14 +79,16 @@ class SharedPolicy:
         self.frozen: set[str] = set()
 
     @classmethod
-    def load(cls, model_ref: str, dtype: str = "auto", trust_remote_code: bool = False) -> SharedPolicy:
+    def load(cls, model_ref: str, dtype: str = "auto", trust_remote_code: bool = False,
+             allow_pickle: bool = False) -> SharedPolicy:
         from transformers import AutoModelForCausalLM
 
         path = resolve_model_path(model_ref)
         try:
             tokenizer = load_tokenizer(path, trust_remote_code)
             base = AutoModelForCausalLM.from_pretrained(
-                path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
+                path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code,
+                use_safetensors=None if allow_pickle else True,  # pickle weights only when the config allows them
             )
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -243,9 +245,12 @@ class SharedPolicy:
 
     def check_adapter_base(self, path: Path) -> None:
         """UserError when the adapter folder records a base other than this policy's."""
+        from alignment.safety import check_adapter_folder
+
         config_file = path / "adapter_config.json"
         if not config_file.exists():
             raise UserError(f"{path}: not a peft adapter folder (no adapter_config.json)")
+        check_adapter_folder(path)
         recorded = json.loads(config_file.read_text()).get("base_model_name_or_path")
         if recorded and Path(recorded).exists() and Path(self.model_path).exists():
             if Path(recorded).resolve() != Path(self.model_path).resolve():

@@ -63,6 +63,10 @@ class SFTStage:
     def run(self, ctx: StageContext) -> StageResult:
         cfg = self.config
         rows, eval_rows, fmt, metrics = self.training_data(ctx)
+        from alignment.data import check_prompt_lengths
+
+        metrics.update(check_prompt_lengths(rows, ctx.policy.tokenizer, cfg.max_length, cfg.long_prompts,
+                                            f"stages.{ctx.index}.data"))
         model = self._prepare_model(ctx)
         trainer = self.build_trainer(ctx, model, rows, eval_rows, fmt)
         from alignment.trainer_hooks import train
