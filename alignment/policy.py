@@ -53,6 +53,11 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 def prepare_tokenizer(tokenizer, path: str = "the model"):
     """A pad token (reusing eos or unk, never resizing embeddings) and a chat template, each logged if added."""
+    if tokenizer.eos_token is None:
+        raise UserError(
+            f"model: tokenizer of {path!r} has no eos token; set `eos_token` in its tokenizer_config.json (answers "
+            "must be able to end: SFT appends it, generation stops on it)"
+        )
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is None:

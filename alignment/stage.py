@@ -60,6 +60,11 @@ class StageContext:
     resume: Path | None = None  # the complete checkpoint an interrupted run of this stage left (alignment/checkpoint.py)
 
     @property
+    def label(self) -> str:
+        """How errors name this stage: ``stages.<index> (<kind>)``."""
+        return f"stages.{self.index} ({self.config.kind})"
+
+    @property
     def seed(self) -> int:
         return self.pipeline.seed
 

@@ -23,9 +23,9 @@ from alignment.guards import GradNormMonitor, check_finite
 
 
 class ReliabilityCallback(TrainerCallback):
-    def __init__(self, stage: str, resume: Path | None, logger=None):
-        self.stage, self.resume = stage, resume
-        self.monitor = GradNormMonitor(stage, logger)
+    def __init__(self, stage: str, label: str, resume: Path | None, logger=None):
+        self.stage, self.label, self.resume = stage, label, resume  # folder name (kill points), name in errors
+        self.monitor = GradNormMonitor(label, logger)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.resume is not None and model is not None:
@@ -35,7 +35,7 @@ class ReliabilityCallback(TrainerCallback):
         if model is not None:
             from alignment.guards import grad_norm
 
-            check_finite(self.stage, state.global_step + 1, gradient=grad_norm(model.parameters()))
+            check_finite(self.label, state.global_step + 1, gradient=grad_norm(model.parameters()))
 
     def on_step_end(self, args, state, control, **kwargs):
         faults.kill_point(self.stage, f"step:{state.global_step}")
@@ -47,7 +47,7 @@ class ReliabilityCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
-        check_finite(self.stage, state.global_step, loss=logs.get("loss"))
+        check_finite(self.label, state.global_step, loss=logs.get("loss"))
         if logs.get("grad_norm") is not None:
             self.monitor.check(state.global_step, logs["grad_norm"])
 
@@ -56,7 +56,7 @@ class ReliabilityCallback(TrainerCallback):
         faults.kill_point(self.stage, f"save:{state.global_step}")
         if folder.is_dir():
             checkpoint.mark_complete(folder, state.global_step)
-        checkpoint.stop_if_interrupted(f"{self.stage} step {state.global_step}")
+        checkpoint.stop_if_interrupted(f"{self.label} step {state.global_step}")
 
 
 def restore_adapters(model, folder: Path) -> None:
@@ -75,7 +75,7 @@ def train(trainer, ctx) -> float:
     """``trainer.train()`` with checkpoints, resume from ``ctx.resume`` and the guards; returns the mean training
     loss over every step of the stage (the same whether or not it was interrupted)."""
     stage = ctx.dir.name
-    trainer.add_callback(ReliabilityCallback(stage, ctx.resume, ctx.logger))
+    trainer.add_callback(ReliabilityCallback(stage, ctx.label, ctx.resume, ctx.logger))
     if ctx.resume is not None:
         from alignment.metrics import console
 

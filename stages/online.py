@@ -117,7 +117,7 @@ class OnlineRun:
 
         t0 = time.time()
         raw = self.reward_model.score(rollout.prompts, rollout.texts).float()
-        check_finite(self.ctx.dir.name, self.iteration, reward=raw)
+        check_finite(self.ctx.label, self.iteration, reward=raw)
         finished = torch.tensor(rollout.finished, dtype=torch.float32)
         scores = self.normalized.normalize(raw) - self.cfg.unfinished_penalty * (1 - finished)
         self.timing["score"] += time.time() - t0
@@ -243,7 +243,7 @@ class OnlineRun:
         if not hasattr(self, "grad_monitor"):
             from alignment.guards import GradNormMonitor
 
-            self.grad_monitor = GradNormMonitor(self.ctx.dir.name, self.ctx.logger)
+            self.grad_monitor = GradNormMonitor(self.ctx.label, self.ctx.logger)
         self.grad_monitor.check(iteration, float(norm))
 
     # ------------------------------------------------------------------------------------------------ set-up
