@@ -9,10 +9,7 @@ Most cases fail in validation or at data loading, before any model is loaded.
 from __future__ import annotations
 
 import json
-import resource
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ import yaml
 
 from alignment.cli import main
 from tests.conftest import REPO
+from tests.forked import run_forked
 
 CASES = {}
 
@@ -414,14 +412,10 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path, toy_dir):
     without the limit resumes from nothing and finishes."""
     argv = run(tmp_path, toy_dir, [sft(max_steps=2, checkpoint_every=1, batch_size=8)])
 
-    def limit():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
-
-    proc = subprocess.run([sys.executable, "-m", "alignment", *argv], cwd=REPO, capture_output=True, text=True,
-                          preexec_fn=limit, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    rc, err = run_forked(argv, tmp_path / "stderr.txt", fsize_limit=1_000_000)
+    assert rc == 2, err[-2000:]
+    lines = [line[line.index("error: "):] for line in err.splitlines() if "error: " in line]
+    assert len(lines) == 1 and "Traceback" not in err
     assert "stages.0 (sft): no space left writing into" in lines[0] and "(EFBIG)" in lines[0]
     stage = tmp_path / "runs" / "bad" / "0-sft"
     assert not (stage / "DONE").exists() and not _leftovers(tmp_path)

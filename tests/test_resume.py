@@ -1,6 +1,6 @@
 """Kill -9 anywhere and rerun: the resumed run ends exactly where an uninterrupted one does.
 
-The CLI runs in subprocesses; ALIGNMENT_TEST_KILL_AT makes the process send itself a real SIGKILL (or SIGINT, what
+The CLI runs in child processes; ALIGNMENT_TEST_KILL_AT makes the process send itself a real SIGKILL (or SIGINT, what
 Ctrl-C sends) at a named point (alignment/faults.py): after an optimiser step before its checkpoint, in the middle of
 writing a checkpoint, or right after a stage's DONE marker.
 """
@@ -19,6 +19,7 @@ import yaml
 
 from alignment import checkpoint
 from tests.conftest import REPO
+from tests.forked import run_forked
 
 TIMING = ("time_", "samples_per_s", "train_runtime", "train_samples_per_second", "train_steps_per_second")
 
@@ -43,12 +44,11 @@ def pipeline(tmp: Path, toy_dir: Path) -> Path:
     return path
 
 
-def cli(config: Path, *overrides: str, kill_at: str | None = None, sig: str = "KILL"):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    if kill_at:
-        env.update(ALIGNMENT_TEST_KILL_AT=kill_at, ALIGNMENT_TEST_KILL_SIGNAL=sig)
-    return subprocess.run([sys.executable, "-m", "alignment", "run", str(config), *overrides], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+def cli(tmp: Path, config: Path, kill_at: str | None = None, sig: str = "KILL") -> tuple[int, str]:
+    """``alignment run config`` in a forked child process (tests/forked.py): (exit code, stderr); -9 is SIGKILL."""
+    env = {"ALIGNMENT_TEST_KILL_AT": kill_at, "ALIGNMENT_TEST_KILL_SIGNAL": sig} if kill_at else {}
+    log = tmp / f"stderr-{(kill_at or 'final').replace(':', '_')}.txt"
+    return run_forked(["run", str(config)], log, env)
 
 
 def without_timing(metrics: dict) -> dict:
@@ -70,17 +70,17 @@ def test_kill_at_five_points_across_three_stages_then_resume_matches_uninterrupt
         ("2-ppo:save:3", "KILL", -signal.SIGKILL, "resuming 2-ppo from iter-00001"),  # while writing a checkpoint
     ]
     for point, sig, code, resumed in kills:
-        proc = cli(config, kill_at=point, sig=sig)
-        assert proc.returncode == code, (point, proc.stderr[-3000:])
+        rc, err = cli(tmp_path, config, kill_at=point, sig=sig)
+        assert rc == code, (point, err[-3000:])
         if resumed:
-            assert resumed in proc.stderr, (point, proc.stderr[-3000:])
+            assert resumed in err, (point, err[-3000:])
     run = tmp_path / "runs" / "resume"
     half_written = [p for p in (run / "2-ppo" / "checkpoints").iterdir() if p.name.startswith(".iter-00003")]
     assert half_written and not (half_written[0] / checkpoint.COMPLETE).exists()
 
-    final = cli(config)
-    assert final.returncode == 0, final.stderr[-3000:]
-    assert "resuming 2-ppo from iter-00002" in final.stderr  # the half-written iteration 3 was skipped
+    rc, err = cli(tmp_path, config)
+    assert rc == 0, err[-3000:]
+    assert "resuming 2-ppo from iter-00002" in err  # the half-written iteration 3 was skipped
     got = json.loads((run / "summary.json").read_text())
     want = json.loads((tmp_path / "runs" / "reference" / "summary.json").read_text())
     assert [s["status"] for s in got["stages"]] == ["skipped", "skipped", "done"]
