@@ -238,8 +238,8 @@ def check_prompt_lengths(rows: list[dict], tokenizer, max_length: int, policy: s
     long = [i for i, n in enumerate(lengths) if n >= max_length]
     if not long:
         return {}
-    longest = max(long, key=lambda i: lengths[i])
-    what = f"{len(long)} {key}s of {len(rows)} are {max_length} tokens or longer (max_length; longest: row {longest + 1}, {lengths[longest]} tokens)"
+    what = (f"{len(long)} of {len(rows)} {key}s are {max_length} tokens or longer (max_length; the longest has "
+            f"{max(lengths)})")
     if policy == "refuse":
         raise UserError(f"{field}: {what}; raise `max_length`, shorten them, or set `long_prompts: truncate`")
     from alignment.metrics import console

@@ -270,7 +270,7 @@ def preference_pairs_without_signal(tmp, toy_dir, trained):
     return after_trained(tmp, trained, {"kind": "dpo", "data": d, "max_steps": 1})
 
 
-@case("stages.0.data: 1 prompts of 2 are 16 tokens or longer (max_length; longest: row")
+@case("stages.0.data: 1 of 2 prompts are 16 tokens or longer (max_length; the longest has 50)")
 def prompt_longer_than_max_length(tmp, toy_dir, trained):
     d = data(tmp, "d.jsonl", json.dumps({"prompt": "the food was good . " * 10, "completion": " yes"}) + "\n"
              + json.dumps({"prompt": "short", "completion": " yes"}) + "\n")
