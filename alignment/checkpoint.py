@@ -229,6 +229,55 @@ def load_online_checkpoint(folder: Path, optimizers: dict) -> tuple[dict, dict]:
     return tensors, meta["state"]
 
 
+def due(ctx, step: int, every: int, last: int) -> bool:
+    """Whether a stage's own loop writes a checkpoint after ``step``: every ``every`` steps and when Ctrl-C is
+    pending, never after the last step (the stage's artifacts follow at once)."""
+    from alignment import faults
+
+    faults.kill_point(ctx.dir.name, f"step:{step}")
+    return (step % every == 0 or interrupt_requested()) and step < last
+
+
+def write_stage_checkpoint(ctx, step: int, adapters: tuple[str, ...], tensors: dict, optimizers: dict,
+                           state: dict) -> None:
+    """A checkpoint of a stage's own loop: the named adapters of ``ctx.policy``, ``tensors``, ``optimizers``, the
+    torch and Python RNGs and ``state``; keeps the newest two; then honours a pending Ctrl-C."""
+    import random
+
+    def save_adapters(folder):
+        for name in adapters:
+            ctx.policy.save_adapter(name, folder / name)
+
+    root = ctx.dir / CHECKPOINTS
+    state = {**state, "python_rng": python_rng_state(random)}
+    save_online_checkpoint(root / f"iter-{step:05d}", step, tensors, optimizers, state, save_adapters)
+    prune(root, keep=2)
+    stop_if_interrupted(f"{ctx.label} step {step}")
+
+
+def read_stage_checkpoint(ctx, adapters: tuple[str, ...], tensors: dict, optimizers: dict) -> dict | None:
+    """Restore what ``write_stage_checkpoint`` saved in ``ctx.resume`` (adapters and ``tensors`` in place, so
+    optimisers over them stay valid); returns its ``state``, or None when the stage starts fresh."""
+    import random
+
+    import torch
+
+    from alignment.metrics import console
+
+    folder = ctx.resume
+    if folder is None:
+        return None
+    for name in adapters:
+        load_adapter_weights(ctx.policy.model, name, folder / name / "adapter_model.safetensors")
+    saved, state = load_online_checkpoint(folder, optimizers)
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            tensor.copy_(saved[name])
+    set_python_rng_state(random, state["python_rng"])
+    console.print(f"resuming {ctx.dir.name} from {folder.name} (step {checkpoint_step(folder)})")
+    return state
+
+
 def load_adapter_weights(model, name: str, file: Path) -> None:
     """Copy a saved adapter's weights into adapter ``name`` of the peft ``model`` in place (the parameters keep
     their identity, so optimisers built over them stay valid)."""

@@ -182,20 +182,11 @@ class OnlineRun:
                    extra: dict | None = None) -> None:
         """Every ``checkpoint_every`` iterations (and when Ctrl-C is pending): adapters, extra tensors, optimisers,
         RNG states, prompt order, counters and ``extra`` (alignment/checkpoint.py; safetensors + JSON, no pickle)."""
-        from alignment import checkpoint, faults
+        from alignment import checkpoint
 
-        faults.kill_point(self.ctx.dir.name, f"step:{iteration}")
-        due = iteration % self.cfg.checkpoint_every == 0 or checkpoint.interrupt_requested()
-        if not due or iteration >= self.cfg.iterations:
+        if not checkpoint.due(self.ctx, iteration, self.cfg.checkpoint_every, self.cfg.iterations):
             return
-
-        def save_adapters(folder):
-            for name in adapters:
-                self.policy.save_adapter(name, folder / name)
-
         state = {
-            "iteration": iteration,
-            "python_rng": checkpoint.python_rng_state(random),
             "order_rng": checkpoint.python_rng_state(self.rng),
             "order": self.order,
             "samples": self.samples,
@@ -205,38 +196,23 @@ class OnlineRun:
             "normalizer": [self.normalized.mean, self.normalized.var, self.normalized.count],
             "extra": extra or {},
         }
-        root = self.ctx.dir / checkpoint.CHECKPOINTS
-        checkpoint.save_online_checkpoint(root / f"iter-{iteration:05d}", iteration, tensors, optimizers, state,
-                                          save_adapters)
-        checkpoint.prune(root, keep=2)
-        checkpoint.stop_if_interrupted(f"{self.ctx.dir.name} iteration {iteration}")
+        checkpoint.write_stage_checkpoint(self.ctx, iteration, adapters, tensors, optimizers, state)
 
     def resume(self, adapters: tuple[str, ...], tensors: dict, optimizers: dict) -> tuple[int, dict]:
-        """Restore what ``checkpoint`` saved from ``ctx.resume`` (tensors are copied into ``tensors`` in place);
-        returns (the first iteration to run, ``extra``). Without a checkpoint: (1, {})."""
-        import torch
-
+        """Restore what ``checkpoint`` saved from ``ctx.resume`` (adapters and ``tensors`` in place); returns (the
+        first iteration to run, ``extra``). Without a checkpoint: (1, {})."""
         from alignment import checkpoint
-        from alignment.metrics import console
 
-        folder = self.ctx.resume
-        if folder is None:
+        state = checkpoint.read_stage_checkpoint(self.ctx, adapters, tensors, optimizers)
+        if state is None:
             return 1, {}
-        for name in adapters:
-            checkpoint.load_adapter_weights(self.policy.model, name, folder / name / "adapter_model.safetensors")
-        saved, state = checkpoint.load_online_checkpoint(folder, optimizers)
-        with torch.no_grad():
-            for name, tensor in tensors.items():
-                tensor.copy_(saved[name])
-        checkpoint.set_python_rng_state(random, state["python_rng"])
         checkpoint.set_python_rng_state(self.rng, state["order_rng"])
         self.order, self.samples, self.gold = state["order"], state["samples"], state["gold"]
         self.timing.update(state["timing"])
         self.sync_diffs = [tuple(d) for d in state["sync_diffs"]]
         self.normalized.mean, self.normalized.var, self.normalized.count = state["normalizer"]
-        self.iteration = state["iteration"]
-        console.print(f"resuming {self.ctx.dir.name} from {folder.name} (iteration {state['iteration']})")
-        return state["iteration"] + 1, state["extra"]
+        self.iteration = checkpoint.checkpoint_step(self.ctx.resume)
+        return self.iteration + 1, state["extra"]
 
     def check_gradients(self, iteration: int, norm) -> None:
         """Stops the stage on a NaN/inf gradient norm (before the optimiser step), logs spikes."""

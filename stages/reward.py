@@ -51,7 +51,8 @@ class RewardStage:
         from alignment.io import atomic_write_json
         from reward_models.trained import new_score_head, save_reward_model, sequence_rewards
 
-        from alignment import distributed
+        from alignment import checkpoint, distributed
+        from alignment.guards import GradNormMonitor
 
         cfg, policy = self.config, ctx.policy
         world, rank = distributed.world_size(), distributed.rank()
@@ -90,6 +91,13 @@ class RewardStage:
         # the loop: shuffle each epoch, BT loss on (chosen, rejected), clip, step
         policy.model.train()
         step, order, recent, seen = 0, [], [], 0
+        head_tensors = dict(head.named_parameters())
+        resumed = checkpoint.read_stage_checkpoint(ctx, (cfg.adapter_name,), head_tensors, {"optimizer": optimizer})
+        if resumed is not None:
+            step, order, recent, seen = resumed["step"], resumed["order"], resumed["recent"], resumed["seen"]
+            scheduler.load_state_dict(resumed["scheduler"])
+            checkpoint.set_python_rng_state(rng, resumed["rng"])
+        monitor = GradNormMonitor(ctx.label, ctx.logger)
         while step < total:
             for _ in range(cfg.gradient_accumulation_steps):
                 if len(order) < cfg.batch_size * world:
@@ -105,6 +113,7 @@ class RewardStage:
                     loss = loss + cfg.center_rewards_coefficient * ((chosen + rejected) ** 2).mean()
                 (loss / cfg.gradient_accumulation_steps).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            monitor.check(step + 1, float(grad_norm))  # NaN/inf stops before the step; spikes are logged
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -114,6 +123,11 @@ class RewardStage:
             if step % ctx.pipeline.logging.log_every == 0 or step == total:
                 ctx.logger.log(step, {"loss": loss.item(), "accuracy": accuracy, "grad_norm": float(grad_norm),
                                       "margin": (chosen - rejected).mean().item(), "learning_rate": scheduler.get_last_lr()[0]})
+            if world == 1 and checkpoint.due(ctx, step, cfg.checkpoint_every, total):
+                state = {"step": step, "order": order, "recent": recent, "seen": seen,
+                         "scheduler": scheduler.state_dict(), "rng": checkpoint.python_rng_state(rng)}
+                checkpoint.write_stage_checkpoint(ctx, step, (cfg.adapter_name,), head_tensors,
+                                                  {"optimizer": optimizer}, state)
         policy.model.eval()
         if world > 1:
             import sys

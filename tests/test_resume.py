@@ -25,7 +25,8 @@ TIMING = ("time_", "samples_per_s", "train_runtime", "train_samples_per_second",
 
 
 def pipeline(tmp: Path, toy_dir: Path) -> Path:
-    """SFT -> DPO -> PPO on the toy model (by path: no gold evaluation), a few steps each, checkpoints often."""
+    """SFT -> reward model -> DPO -> PPO (scored by that reward model) on the toy model (by path: no gold
+    evaluation), a few steps each, checkpoints often."""
     raw = {
         "name": "resume",
         "model": str(toy_dir / "model"),
@@ -34,8 +35,9 @@ def pipeline(tmp: Path, toy_dir: Path) -> Path:
         "rollout": {"engine": "hf"},  # sampling from torch's RNG, which the checkpoint restores
         "stages": [
             {"kind": "sft", "max_steps": 4, "batch_size": 8, "max_samples": 64, "checkpoint_every": 2},
+            {"kind": "reward", "max_steps": 4, "batch_size": 4, "max_samples": 40, "checkpoint_every": 2},
             {"kind": "dpo", "max_steps": 4, "batch_size": 4, "max_samples": 32, "checkpoint_every": 4},
-            {"kind": "ppo", "reward": "toy_gold", "reward_normalization": "running", "iterations": 4, "batch_size": 4,
+            {"kind": "ppo", "reward_normalization": "running", "iterations": 4, "batch_size": 4,
              "minibatch_size": 2, "max_new_tokens": 8, "checkpoint_every": 1},
         ],
     }
@@ -55,7 +57,7 @@ def without_timing(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not k.startswith(TIMING)}
 
 
-def test_kill_at_five_points_across_three_stages_then_resume_matches_uninterrupted(tmp_path, toy_dir):
+def test_kill_at_six_points_across_four_stages_then_resume_matches_uninterrupted(tmp_path, toy_dir):
     config = pipeline(tmp_path, toy_dir)
     from alignment.pipeline import Pipeline
 
@@ -63,11 +65,12 @@ def test_kill_at_five_points_across_three_stages_then_resume_matches_uninterrupt
 
     # (kill point, signal, expected exit code, what the next run must resume from)
     kills = [
-        ("0-sft:step:3", "KILL", -signal.SIGKILL, None),  # in SFT, after step 3, before any checkpoint of it
-        ("0-sft:done", "KILL", -signal.SIGKILL, "resuming 0-sft from checkpoint-2"),  # between SFT and DPO
-        ("1-dpo:step:3", "INT", 130, None),  # Ctrl-C in DPO: an extra checkpoint at step 3, then exit 130
-        ("2-ppo:step:2", "KILL", -signal.SIGKILL, "resuming 1-dpo from checkpoint-3"),  # inside PPO
-        ("2-ppo:save:3", "KILL", -signal.SIGKILL, "resuming 2-ppo from iter-00001"),  # while writing a checkpoint
+        ("0-sft:step:3", "KILL", -signal.SIGKILL, None),  # in SFT (TRL), after step 3, before any checkpoint of it
+        ("0-sft:done", "KILL", -signal.SIGKILL, "resuming 0-sft from checkpoint-2"),  # between SFT and the RM
+        ("1-reward:step:3", "KILL", -signal.SIGKILL, None),  # in the reward stage's own loop
+        ("2-dpo:step:3", "INT", 130, "resuming 1-reward from iter-00002"),  # Ctrl-C in DPO: checkpoint-3, exit 130
+        ("3-ppo:step:2", "KILL", -signal.SIGKILL, "resuming 2-dpo from checkpoint-3"),  # inside PPO
+        ("3-ppo:save:3", "KILL", -signal.SIGKILL, "resuming 3-ppo from iter-00001"),  # while writing a checkpoint
     ]
     for point, sig, code, resumed in kills:
         rc, err = cli(tmp_path, config, kill_at=point, sig=sig)
@@ -75,24 +78,24 @@ def test_kill_at_five_points_across_three_stages_then_resume_matches_uninterrupt
         if resumed:
             assert resumed in err, (point, err[-3000:])
     run = tmp_path / "runs" / "resume"
-    half_written = [p for p in (run / "2-ppo" / "checkpoints").iterdir() if p.name.startswith(".iter-00003")]
+    half_written = [p for p in (run / "3-ppo" / "checkpoints").iterdir() if p.name.startswith(".iter-00003")]
     assert half_written and not (half_written[0] / checkpoint.COMPLETE).exists()
 
     rc, err = cli(tmp_path, config)
     assert rc == 0, err[-3000:]
-    assert "resuming 2-ppo from iter-00002" in err  # the half-written iteration 3 was skipped
+    assert "resuming 3-ppo from iter-00002" in err  # the half-written iteration 3 was skipped
     got = json.loads((run / "summary.json").read_text())
     want = json.loads((tmp_path / "runs" / "reference" / "summary.json").read_text())
-    assert [s["status"] for s in got["stages"]] == ["skipped", "skipped", "done"]
+    assert [s["status"] for s in got["stages"]] == ["skipped", "skipped", "skipped", "done"]
     for g, w in zip(got["stages"], want["stages"]):
         assert without_timing(g["metrics"]) == without_timing(w["metrics"]), g["dir"]
     # every PPO iteration logged the same numbers (the resumed iterations replaced the lost ones)
-    lines = [without_timing(json.loads(x)) for x in (run / "2-ppo" / "metrics.jsonl").read_text().splitlines()]
+    lines = [without_timing(json.loads(x)) for x in (run / "3-ppo" / "metrics.jsonl").read_text().splitlines()]
     ref = [without_timing(json.loads(x)) for x in
-           (tmp_path / "runs" / "reference" / "2-ppo" / "metrics.jsonl").read_text().splitlines()]
+           (tmp_path / "runs" / "reference" / "3-ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3, 4] and lines == ref
-    for name in ("0-sft", "1-dpo", "2-ppo"):
-        for f in (run / name / "adapters").rglob("*.safetensors"):
+    for name in ("0-sft", "1-reward", "2-dpo", "3-ppo"):
+        for f in (f for f in (run / name).rglob("*.safetensors") if "checkpoints" not in f.parts):  # artifacts
             assert f.read_bytes() == (tmp_path / "runs" / "reference" / name / f.relative_to(run / name)).read_bytes()
 
 
