@@ -170,7 +170,8 @@ def _write_errno(error: BaseException, stage_dir: Path) -> int | None:
 # ------------------------------------------------------------------------ online stages: state without pickle
 
 
-def save_online_checkpoint(folder: Path, step: int, tensors: dict, optimizers: dict, state: dict, adapters=None) -> None:
+def save_online_checkpoint(folder: Path, step: int, tensors: dict, optimizers: dict, state: dict,
+                           adapters=None) -> None:
     """One checkpoint folder, written as a whole (temp folder, then rename) with ``COMPLETE`` last.
 
     ``tensors``: name -> tensor (heads...); ``optimizers``: name -> torch optimiser; ``state``: JSON-able values;

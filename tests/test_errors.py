@@ -223,7 +223,8 @@ def remote_code_model(tmp, toy_dir, trained):
 
 @case("not UTF-8 text; re-save the file as UTF-8")
 def data_not_utf8(tmp, toy_dir, trained):
-    return run(tmp, toy_dir, [sft(data=data(tmp, "d.jsonl", '{"prompt": "caf\xe9", "completion": "x"}\n'.encode("latin-1")))])
+    latin1 = '{"prompt": "caf\xe9", "completion": "x"}\n'.encode("latin-1")
+    return run(tmp, toy_dir, [sft(data=data(tmp, "d.jsonl", latin1))])
 
 
 @case("holds no rows; give it at least one example")
@@ -316,7 +317,8 @@ def adapter_from_another_base(tmp, toy_dir, trained):
 
     def other_base(folder):
         cfg = json.loads((folder / "adapter_config.json").read_text())
-        (folder / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(tmp / "other-base")}))
+        cfg["base_model_name_or_path"] = str(tmp / "other-base")
+        (folder / "adapter_config.json").write_text(json.dumps(cfg))
 
     return _continue(tmp, trained, other_base)
 

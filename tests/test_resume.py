@@ -181,7 +181,8 @@ def test_gradient_norm_spikes_are_logged_and_nan_stops(tmp_path):
 
     logger = MetricsLogger(tmp_path, "t")
     monitor = GradNormMonitor("stages.2 (ppo)", logger)
-    assert [monitor.check(i, n) for i, n in enumerate([1.0, 1.2, 0.9, 1.1, 1.0, 30.0, 1.0], 1)] == [False] * 5 + [True, False]
+    norms = [1.0, 1.2, 0.9, 1.1, 1.0, 30.0, 1.0]
+    assert [monitor.check(i, n) for i, n in enumerate(norms, 1)] == [False] * 5 + [True, False]
     logger.close()
     logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert logged[0]["step"] == 6 and logged[0]["grad_norm_spike"] == 30.0 and logged[0]["grad_norm_median"] == 1.0
