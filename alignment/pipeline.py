@@ -20,6 +20,7 @@ import hashlib
 import importlib.metadata
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -330,6 +331,8 @@ class Pipeline:
             {"metrics": result.metrics, "artifacts": result.artifacts, "info": result.info, "wall_time_s": wall},
         )
         atomic_write_json(stage_dir / "DONE", {"fingerprint": fingerprint, "finished_at": time.time()})
+        if distributed.is_main():  # checkpoints only serve a resume of this stage: its artifacts are complete now
+            shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
         shown = "  ".join(f"{k} {v}" for k, v in result.metrics.items() if isinstance(v, (int, float)))
         console.print(f"[green]✓[/green] stage {i} ({stage_cfg.kind}) done in {wall:.1f}s  {shown}")
         return result, wall

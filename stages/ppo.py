@@ -160,10 +160,12 @@ class PPOStage:
 
         from safetensors.torch import save_file
 
+        from alignment.io import atomic_file
+
         final = {"reward": round(raw_scores.mean().item(), 4), "kl": round(kl_per_seq, 4)}
         metrics, artifacts = run.finish(final, extra_adapters=("value",))
-        save_file({"weight": value_head.weight.detach().contiguous()},
-                  str(ctx.run_dir / artifacts["value"] / "value_head.safetensors"))
+        with atomic_file(ctx.run_dir / artifacts["value"] / "value_head.safetensors") as tmp:
+            save_file({"weight": value_head.weight.detach().contiguous()}, str(tmp))
         return run.result(metrics, artifacts)
 
 

@@ -189,9 +189,12 @@ class SFTStage:
     def _save(self, ctx: StageContext):
         cfg, policy = self.config, ctx.policy
         if ctx.adapter.method == "full":
+            from alignment.io import atomic_dir
+
             target = ctx.dir / "model"
-            policy.base.save_pretrained(target, safe_serialization=True)
-            policy.tokenizer.save_pretrained(target)
+            with atomic_dir(target) as tmp:
+                policy.base.save_pretrained(tmp, safe_serialization=True)
+                policy.tokenizer.save_pretrained(tmp)
             return target
         target = ctx.dir / "adapters" / cfg.adapter_name
         policy.save_adapter(cfg.adapter_name, target)
