@@ -48,11 +48,21 @@ def checkpoint_step(folder: Path) -> int:
 
 
 def mark_complete(folder: Path, step: int) -> None:
-    atomic_write_json(Path(folder) / COMPLETE, {"step": step, "at": time.time()})
+    """Written last: the step and every file of the checkpoint with its size."""
+    folder = Path(folder)
+    files = {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
+    atomic_write_json(folder / COMPLETE, {"step": step, "at": time.time(), "files": files})
 
 
 def is_complete(folder: Path) -> bool:
-    return (Path(folder) / COMPLETE).is_file()
+    """``COMPLETE`` exists and every file it lists is there with its size (a checkpoint whose deletion or copy was
+    cut short is not complete)."""
+    folder = Path(folder)
+    try:
+        files = read_json(folder / COMPLETE).get("files", {})
+    except (OSError, ValueError):
+        return False
+    return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items())
 
 
 def drop_incomplete(root: Path) -> list[Path]:
@@ -79,6 +89,7 @@ def prune(root: Path, keep: int) -> None:
     """Keep the newest ``keep`` complete checkpoints."""
     complete = sorted((f for f in Path(root).iterdir() if f.is_dir() and is_complete(f)), key=checkpoint_step)
     for folder in complete[:-keep]:
+        (folder / COMPLETE).unlink()  # first: a deletion cut short leaves an incomplete folder, never a broken one
         shutil.rmtree(folder, ignore_errors=True)
 
 

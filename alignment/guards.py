@@ -7,6 +7,7 @@ Gradient-norm spikes (above ``SPIKE_FACTOR`` times the median of the recent norm
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections import deque
@@ -49,25 +50,31 @@ def grad_norm(parameters) -> float:
 
 
 class GradNormMonitor:
-    """Checks each step's gradient norm: non-finite stops the stage, a spike is logged and counted."""
+    """Checks each step's gradient norm: non-finite stops the stage, a spike is printed and appended to
+    ``<stage>/grad_norm_spikes.jsonl`` (metrics.jsonl keeps one line per logging step)."""
 
-    def __init__(self, stage: str, logger=None):
-        self.stage, self.logger = stage, logger
+    def __init__(self, stage: str, folder=None):
+        from pathlib import Path
+
+        self.stage = stage
+        self.path = Path(folder) / "grad_norm_spikes.jsonl" if folder is not None else None
         self.recent: deque[float] = deque(maxlen=SPIKE_WINDOW)
         self.spikes = 0
 
     def check(self, step: int, norm: float) -> bool:
         """True when ``norm`` is a spike. Raises NonFiniteError when it is NaN or inf."""
         check_finite(self.stage, step, gradient=norm)
-        spike = len(self.recent) >= SPIKE_MIN_HISTORY and norm > SPIKE_FACTOR * statistics.median(self.recent)
+        median = statistics.median(self.recent) if len(self.recent) >= SPIKE_MIN_HISTORY else None
         self.recent.append(norm)
-        if spike:
-            self.spikes += 1
-            median = statistics.median(list(self.recent)[:-1])
-            from alignment.metrics import console
+        if median is None or norm <= SPIKE_FACTOR * median:
+            return False
+        self.spikes += 1
+        from alignment.io import skip_write
+        from alignment.metrics import console
 
-            console.print(f"[yellow]warning:[/yellow] {self.stage}: gradient-norm spike at step {step}: "
-                          f"{norm:.3g} (recent median {median:.3g})")
-            if self.logger is not None:
-                self.logger.log(step, {"grad_norm_spike": norm, "grad_norm_median": median}, echo=False)
-        return spike
+        console.print(f"[yellow]warning:[/yellow] {self.stage}: gradient-norm spike at step {step}: "
+                      f"{norm:.3g} (recent median {median:.3g})")
+        if self.path is not None and not skip_write(self.path):
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "grad_norm": norm, "recent_median": median}) + "\n")
+        return True

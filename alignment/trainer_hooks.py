@@ -23,9 +23,9 @@ from alignment.guards import GradNormMonitor, check_finite
 
 
 class ReliabilityCallback(TrainerCallback):
-    def __init__(self, stage: str, label: str, resume: Path | None, logger=None):
+    def __init__(self, stage: str, label: str, resume: Path | None, folder: Path | None = None):
         self.stage, self.label, self.resume = stage, label, resume  # folder name (kill points), name in errors
-        self.monitor = GradNormMonitor(label, logger)
+        self.monitor = GradNormMonitor(label, folder)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.resume is not None and model is not None:
@@ -75,7 +75,7 @@ def train(trainer, ctx) -> float:
     """``trainer.train()`` with checkpoints, resume from ``ctx.resume`` and the guards; returns the mean training
     loss over every step of the stage (the same whether or not it was interrupted)."""
     stage = ctx.dir.name
-    trainer.add_callback(ReliabilityCallback(stage, ctx.label, ctx.resume, ctx.logger))
+    trainer.add_callback(ReliabilityCallback(stage, ctx.label, ctx.resume, ctx.dir))
     if ctx.resume is not None:
         from alignment.metrics import console
 

@@ -219,7 +219,7 @@ class OnlineRun:
         if not hasattr(self, "grad_monitor"):
             from alignment.guards import GradNormMonitor
 
-            self.grad_monitor = GradNormMonitor(self.ctx.label, self.ctx.logger)
+            self.grad_monitor = GradNormMonitor(self.ctx.label, self.ctx.dir)
         self.grad_monitor.check(iteration, float(norm))
 
     # ------------------------------------------------------------------------------------------------ set-up

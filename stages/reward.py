@@ -97,7 +97,7 @@ class RewardStage:
             step, order, recent, seen = resumed["step"], resumed["order"], resumed["recent"], resumed["seen"]
             scheduler.load_state_dict(resumed["scheduler"])
             checkpoint.set_python_rng_state(rng, resumed["rng"])
-        monitor = GradNormMonitor(ctx.label, ctx.logger)
+        monitor = GradNormMonitor(ctx.label, ctx.dir)
         while step < total:
             for _ in range(cfg.gradient_accumulation_steps):
                 if len(order) < cfg.batch_size * world:

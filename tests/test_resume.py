@@ -108,6 +108,11 @@ def test_half_written_checkpoint_is_ignored_and_the_previous_used(tmp_path):
         if complete:
             checkpoint.mark_complete(folder, step)
     (stage / "checkpoints" / ".iter-00008.abc").mkdir()  # an atomic_dir temp folder left by a kill
+    cut = stage / "checkpoints" / "checkpoint-5"  # complete once, then a file cut short (a deletion or copy killed)
+    cut.mkdir()
+    (cut / "optimizer.pt").write_bytes(b"x" * 10)
+    checkpoint.mark_complete(cut, 5)
+    (cut / "optimizer.pt").write_bytes(b"x" * 3)
     (stage / "metrics.jsonl").write_text('{"step": 2}\n{"step": 4}\n{"step": 6}\n{"step": 7, "lo')
     (stage / "STARTED").write_text(json.dumps({"fingerprint": "abc"}))
     (stage / "config.yaml").write_text("x")
@@ -177,15 +182,12 @@ def torch_finite(t) -> bool:
 
 def test_gradient_norm_spikes_are_logged_and_nan_stops(tmp_path):
     from alignment.guards import GradNormMonitor, NonFiniteError
-    from alignment.metrics import MetricsLogger
 
-    logger = MetricsLogger(tmp_path, "t")
-    monitor = GradNormMonitor("stages.2 (ppo)", logger)
+    monitor = GradNormMonitor("stages.2 (ppo)", tmp_path)
     norms = [1.0, 1.2, 0.9, 1.1, 1.0, 30.0, 1.0]
     assert [monitor.check(i, n) for i, n in enumerate(norms, 1)] == [False] * 5 + [True, False]
-    logger.close()
-    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert logged[0]["step"] == 6 and logged[0]["grad_norm_spike"] == 30.0 and logged[0]["grad_norm_median"] == 1.0
+    logged = [json.loads(x) for x in (tmp_path / "grad_norm_spikes.jsonl").read_text().splitlines()]
+    assert logged == [{"step": 6, "grad_norm": 30.0, "recent_median": 1.0}]
     with pytest.raises(NonFiniteError, match=r"stages.2 \(ppo\): non-finite gradient at step 8"):
         monitor.check(8, float("inf"))
 
@@ -203,3 +205,17 @@ def test_no_eval_and_plugins_imported_only_when_named():
     proc = subprocess.run([sys.executable, "-c", code, str(REPO / "configs" / "sft.yaml")], cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
     assert proc.stdout.strip() == "[]", proc.stderr
+
+
+def test_a_skipped_stage_whose_artifact_was_deleted_runs_again(tmp_path, toy_dir):
+    from alignment.config import config_from_dict
+    from alignment.pipeline import Pipeline
+    from tests.plugins import echo
+
+    raw = {"name": "chain", "model": str(toy_dir / "model"), "output_dir": str(tmp_path),
+           "stages": [{"kind": "tests.plugins.echo:EchoStage", "label": f"s{i}"} for i in range(2)]}
+    Pipeline(config_from_dict(raw)[0]).run()
+    (tmp_path / "chain" / "0-echostage" / "note.txt").unlink()
+    echo.CALLS.clear()
+    summary = Pipeline(config_from_dict(raw)[0]).run()
+    assert echo.CALLS == ["s0"] and [s["status"] for s in summary["stages"]] == ["done", "skipped"]
