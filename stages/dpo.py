@@ -106,6 +106,9 @@ def preference_data(cfg, ctx: StageContext) -> tuple[list[dict], list[dict], int
     random.Random(ctx.seed).shuffle(rows)
     if cfg.max_samples:
         rows = rows[: cfg.max_samples]
+    from alignment.data import check_prompt_lengths
+
+    check_prompt_lengths(rows, policy.tokenizer, cfg.max_length, cfg.long_prompts, f"stages.{ctx.index}.data")
     if cfg.eval_data:
         eval_rows, _ = preference_rows(cfg.eval_data, cfg.columns, f"stages.{ctx.index}.eval_data", policy.tokenizer)
     else:

@@ -47,7 +47,7 @@ class RewardStage:
         from transformers import get_scheduler
 
         from alignment.algorithms.preference import bradley_terry_loss
-        from alignment.data import preference_rows
+        from alignment.data import check_prompt_lengths, preference_rows
         from alignment.io import atomic_write_json
         from reward_models.trained import new_score_head, save_reward_model, sequence_rewards
 
@@ -61,6 +61,7 @@ class RewardStage:
         rng.shuffle(rows)
         if cfg.max_samples:
             rows = rows[: cfg.max_samples]
+        check_prompt_lengths(rows, policy.tokenizer, cfg.max_length, cfg.long_prompts, f"stages.{ctx.index}.data")
         eval_source = cfg.eval_data or ("toy:preference_eval" if cfg.data == "toy:preference" else None)
         if eval_source:
             eval_rows, _ = preference_rows(eval_source, cfg.columns, f"stages.{ctx.index}.eval_data", policy.tokenizer)

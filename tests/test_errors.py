@@ -278,6 +278,13 @@ def prompt_longer_than_max_length(tmp, toy_dir, trained):
     return run(tmp, toy_dir, [sft(data=d, max_length=16, long_prompts="refuse", eval_fraction=0.0)])
 
 
+@case("stages.1.data: 1 of 1 prompts are 16 tokens or longer (max_length; the longest has 50)")
+def preference_prompt_longer_than_max_length(tmp, toy_dir, trained):
+    d = data(tmp, "d.jsonl", json.dumps({"prompt": "the food was good . " * 10, "chosen": " yes", "rejected": " no"}))
+    return after_trained(tmp, trained, {"kind": "dpo", "data": d, "max_length": 16, "long_prompts": "refuse",
+                                        "eval_fraction": 0.0})
+
+
 # ------------------------------------------------------------------------------------ models and artifacts
 
 
