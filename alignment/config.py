@@ -110,6 +110,8 @@ class TrainingConfig(StageConfig):
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0)
     max_length: int = Field(256, ge=8)
+    long_prompts: Literal["truncate", "refuse"] = "truncate"  # prompts over max_length: cut (and count) or stop
+    checkpoint_every: int = Field(50, ge=1)  # optimiser steps between checkpoints (a killed run resumes from the last)
 
 
 class PipelineConfig(Strict):
@@ -119,6 +121,7 @@ class PipelineConfig(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     output_dir: str = "runs"
     trust_remote_code: bool = False
+    allow_pickle: bool = False  # load pickle weights (.bin/.pt) too; off: safetensors only
     adapter: AdapterSpec = Field(default_factory=AdapterConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
@@ -264,6 +267,11 @@ def config_from_dict(
     model_problem = check_model_ref(raw.get("model", "toy"))
     if model_problem:
         problems.append(f"model: {model_problem}")
+    elif isinstance(raw.get("model", "toy"), str):
+        from alignment.safety import model_folder_problems
+
+        problems += model_folder_problems(raw.get("model", "toy"), raw.get("allow_pickle") is True,
+                                          raw.get("trust_remote_code") is True)
 
     if problems:
         raise ConfigError(source, problems)

@@ -14,4 +14,7 @@ class ConfigError(UserError):
         self.source = source
         self.problems = problems
         n = len(problems)
-        super().__init__(f"{source}: {n} problem{'s' if n != 1 else ''}\n" + "\n".join(f"  - {p}" for p in problems))
+        if n == 1:  # one line: `file: field: what is wrong and what to do`
+            super().__init__(f"{source}: {problems[0]}")
+        else:
+            super().__init__(f"{source}: {n} problems\n" + "\n".join(f"  - {p}" for p in problems))

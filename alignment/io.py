@@ -75,6 +75,26 @@ def read_json(path: Path) -> Any:
 
 
 @contextlib.contextmanager
+def atomic_file(path: Path):
+    """Yield a temporary path beside ``path`` for a writer that takes a path (safetensors, savefig); if the block
+    succeeds it replaces ``path``, else it is removed."""
+    path = Path(path)
+    if skip_write(path):
+        with tempfile.TemporaryDirectory(prefix="alignment-rank-scratch-") as scratch:
+            yield Path(scratch) / path.name
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_dir(path: Path):
     """Yield a temporary folder beside ``path``; if the block succeeds it replaces ``path``, else it is removed."""
     from alignment import distributed

@@ -13,6 +13,7 @@ run again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -26,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from alignment import faults
+from alignment.checkpoint import disk_full_error, latest_checkpoint, prepare_stage_dir, stop_if_interrupted
 from alignment.config import PipelineConfig, load_config
 from alignment.errors import UserError
 from alignment.io import atomic_write_json, atomic_write_text, read_json
@@ -86,7 +89,8 @@ class Pipeline:
 
             cfg = self.config
             with console.status(f"loading model {cfg.model!r}"):
-                self._policy = SharedPolicy.load(cfg.model, cfg.dtype, cfg.trust_remote_code, quantization_for(cfg))
+                self._policy = SharedPolicy.load(cfg.model, cfg.dtype, cfg.trust_remote_code, quantization_for(cfg),
+                                                 cfg.allow_pickle)
         return self._policy
 
     def fingerprints(self) -> list[str]:
@@ -173,10 +177,12 @@ class Pipeline:
         from alignment import distributed
         from alignment.io import main_process_writes
 
+        from alignment.checkpoint import graceful_sigint
+
         distributed.start()
         if not distributed.is_main():
             console.quiet = True
-        with main_process_writes(self.config.run_dir):
+        with main_process_writes(self.config.run_dir), graceful_sigint():
             return self._run()
 
     def _run(self) -> dict[str, Any]:
@@ -246,6 +252,8 @@ class Pipeline:
             atomic_write_json(run_dir / "summary.json", summary)
             atomic_write_json(run_dir / "manifest.json", manifest)
             distributed.barrier()  # DONE and the summary are written before any rank goes on
+            faults.kill_point(stage_dir.name, "done")  # test hook (a real kill -9 between stages)
+            stop_if_interrupted(f"stage {i} finished")
         from alignment.report import write_report
 
         if distributed.is_main():
@@ -264,6 +272,8 @@ class Pipeline:
             recorded = read_json(stage_dir / "result.json")
         except (OSError, ValueError):
             return None, "", 0.0
+        if not all((self.config.run_dir / rel).exists() for rel in recorded["artifacts"].values()):
+            return None, "", 0.0  # an artifact was deleted since: run the stage again
         result = StageResult(recorded["metrics"], recorded["artifacts"], recorded.get("info", {}))
         return result, "skipped", recorded.get("wall_time_s", 0.0)
 
@@ -271,10 +281,12 @@ class Pipeline:
         from alignment import distributed
 
         cfg = self.config
-        if stage_dir.exists() and distributed.is_main():
-            shutil.rmtree(stage_dir)  # a changed or unfinished stage starts clean
-        stage_dir.mkdir(parents=True, exist_ok=True)
+        resume = None
+        if distributed.is_main():  # a changed stage starts clean; an interrupted one keeps its complete checkpoints
+            resume = prepare_stage_dir(stage_dir, fingerprint)
         distributed.barrier()
+        if not distributed.is_main():
+            resume = latest_checkpoint(stage_dir / "checkpoints") if (stage_dir / "STARTED").exists() else None
         resolved = {
             **stage_cfg.model_dump(mode="json"),
             "adapter": cfg.adapter_for(stage_cfg).model_dump(mode="json"),
@@ -297,16 +309,21 @@ class Pipeline:
             logger=logger,
             _policy_loader=self.policy,
             chain=chain,
+            resume=resume,
         )
         console.rule(f"stage {i}: {stage_cfg.kind}")
         start = time.time()
         try:
             ctx.seed_everything()
             result = cls(stage_cfg).run(ctx)
-        except BaseException:
+        except BaseException as e:
             logger.close()
             summary["stages"].append({"index": i, "kind": stage_cfg.kind, "status": "failed", "dir": stage_dir.name})
-            atomic_write_json(cfg.run_dir / "summary.json", summary)
+            full = not isinstance(e, UserError) and disk_full_error(e, f"stages.{i} ({stage_cfg.kind})", stage_dir)
+            with contextlib.suppress(OSError):  # the disk may be the problem
+                atomic_write_json(cfg.run_dir / "summary.json", summary)
+            if full:
+                raise full from None
             raise
         wall = round(time.time() - start, 2)
         logger.close(result.metrics)
@@ -316,6 +333,8 @@ class Pipeline:
             {"metrics": result.metrics, "artifacts": result.artifacts, "info": result.info, "wall_time_s": wall},
         )
         atomic_write_json(stage_dir / "DONE", {"fingerprint": fingerprint, "finished_at": time.time()})
+        if distributed.is_main():  # checkpoints only serve a resume of this stage: its artifacts are complete now
+            shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
         shown = "  ".join(f"{k} {v}" for k, v in result.metrics.items() if isinstance(v, (int, float)))
         console.print(f"[green]✓[/green] stage {i} ({stage_cfg.kind}) done in {wall:.1f}s  {shown}")
         return result, wall

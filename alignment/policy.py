@@ -53,6 +53,11 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 def prepare_tokenizer(tokenizer, path: str = "the model"):
     """A pad token (reusing eos or unk, never resizing embeddings) and a chat template, each logged if added."""
+    if tokenizer.eos_token is None:
+        raise UserError(
+            f"model: tokenizer of {path!r} has no eos token; set `eos_token` in its tokenizer_config.json (answers "
+            "must be able to end: SFT appends it, generation stops on it)"
+        )
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is None:
@@ -81,7 +86,7 @@ class SharedPolicy:
 
     @classmethod
     def load(cls, model_ref: str, dtype: str = "auto", trust_remote_code: bool = False,
-             quantization=None) -> SharedPolicy:
+             quantization=None, allow_pickle: bool = False) -> SharedPolicy:
         """``quantization``: a transformers quantisation config (QLoRA's 4-bit NF4), or None."""
         from transformers import AutoModelForCausalLM
 
@@ -91,7 +96,8 @@ class SharedPolicy:
         try:
             tokenizer = load_tokenizer(path, trust_remote_code)
             base = AutoModelForCausalLM.from_pretrained(
-                path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, **quantized
+                path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, **quantized,
+                use_safetensors=None if allow_pickle else True,  # pickle weights only when the config allows them
             )
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -259,9 +265,12 @@ class SharedPolicy:
 
     def check_adapter_base(self, path: Path) -> None:
         """UserError when the adapter folder records a base other than this policy's."""
+        from alignment.safety import check_adapter_folder
+
         config_file = path / "adapter_config.json"
         if not config_file.exists():
             raise UserError(f"{path}: not a peft adapter folder (no adapter_config.json)")
+        check_adapter_folder(path)
         recorded = json.loads(config_file.read_text()).get("base_model_name_or_path")
         if recorded and Path(recorded).exists() and Path(self.model_path).exists():
             if Path(recorded).resolve() != Path(self.model_path).resolve():

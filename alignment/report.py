@@ -99,8 +99,16 @@ def _curve(path: Path, title: str, rows: list[dict], keys: tuple[str, ...]) -> P
     ax.set_xlabel("step / iteration")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: Path) -> Path:
+    """Write the figure atomically (a temp name, then rename) and close it."""
+    from alignment.io import atomic_file
+
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=90, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
     return path
 
@@ -110,10 +118,7 @@ def _bars(path: Path, title: str, values: dict[str, float]) -> Path:
     fig, ax = plt.subplots(figsize=(6, 2.6))
     ax.barh(list(values), list(values.values()), color="tab:blue")
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _heatmap(path: Path, continual: dict) -> Path:
@@ -128,10 +133,7 @@ def _heatmap(path: Path, continual: dict) -> Path:
             if v is not None:
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black")
     ax.set_title("accuracy R[i][j]", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _markdown(run_dir: Path, summary: dict, manifest: dict, plots: list) -> str:

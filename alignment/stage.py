@@ -57,6 +57,12 @@ class StageContext:
     logger: MetricsLogger
     _policy_loader: Any  # callable returning the shared SharedPolicy (loaded on first use)
     chain: Chain | None = None  # continual chains: the tasks and how to evaluate them (None outside a chain)
+    resume: Path | None = None  # the complete checkpoint an interrupted run of this stage left (alignment/checkpoint.py)
+
+    @property
+    def label(self) -> str:
+        """How errors name this stage: ``stages.<index> (<kind>)``."""
+        return f"stages.{self.index} ({self.config.kind})"
 
     @property
     def seed(self) -> int:

@@ -65,7 +65,10 @@ def trl_args(cfg, ctx) -> dict:
         max_grad_norm=cfg.max_grad_norm,
         max_length=cfg.max_length,
         logging_steps=ctx.pipeline.logging.log_every,
-        save_strategy="no",
+        save_strategy="steps",  # checkpoints for resume (alignment/trainer_hooks.py marks them complete)
+        save_steps=cfg.checkpoint_every,
+        save_total_limit=2,
+        logging_nan_inf_filter=False,  # a NaN loss must reach the guard, not be averaged away
         report_to="none",
         seed=ctx.seed,
         data_seed=ctx.seed,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from alignment.io import atomic_write_json
 from reward_models.trained import TrainedRewardModel
 
 
 def eval_pairs_command(args) -> int:
     """`alignment eval pairs`: pairwise accuracy of a reward folder, loaded on the base it records."""
-    import json
     import statistics
 
     from rich.console import Console
@@ -34,13 +34,12 @@ def eval_pairs_command(args) -> int:
     table.add_row(*(str(v) for v in result.values()))
     Console().print(table)
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_json(Path(args.json_out), result)
     return 0
 
 
 def eval_policy_command(args) -> int:
     """`alignment eval policy`: a run's final policy, an exported model or a model id, on the measures asked for."""
-    import json
     import statistics
 
     from rich.console import Console
@@ -102,7 +101,7 @@ def eval_policy_command(args) -> int:
         table.add_row(key, str(value))
     Console().print(table)
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_json(Path(args.json_out), result)
     return 0
 
 

@@ -76,10 +76,12 @@ class DPOStage:
         )
         use_console_progress(trainer)
         record_reference(ctx, rows[:4])
-        output = trainer.train()
+        from alignment.trainer_hooks import train
+
+        train_loss = train(trainer, ctx)  # checkpoints, resume, NaN guard
         policy.model.eval()
 
-        metrics = {"train_loss": round(output.training_loss, 4), "train_pairs": len(rows), "dropped_pairs": dropped}
+        metrics = {"train_loss": round(train_loss, 4), "train_pairs": len(rows), "dropped_pairs": dropped}
         metrics.update(trl_reward_metrics(trainer, bool(eval_rows)))
         metrics["reference_max_abs_diff"] = reference_drift(policy, sft_adapter)
         target = save_policy(ctx)
@@ -104,6 +106,9 @@ def preference_data(cfg, ctx: StageContext) -> tuple[list[dict], list[dict], int
     random.Random(ctx.seed).shuffle(rows)
     if cfg.max_samples:
         rows = rows[: cfg.max_samples]
+    from alignment.data import check_prompt_lengths
+
+    check_prompt_lengths(rows, policy.tokenizer, cfg.max_length, cfg.long_prompts, f"stages.{ctx.index}.data")
     if cfg.eval_data:
         eval_rows, _ = preference_rows(cfg.eval_data, cfg.columns, f"stages.{ctx.index}.eval_data", policy.tokenizer)
     else:

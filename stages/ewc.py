@@ -113,9 +113,11 @@ class EWCStage(SFTStage):
             callbacks=trainer_callbacks(ctx.logger),
         )
         use_console_progress(trainer)
-        output = trainer.train()
+        from alignment.trainer_hooks import train
+
+        train_loss = train(trainer, ctx)  # checkpoints, resume, NaN guard
         policy.model.eval()
-        metrics = {"train_loss": round(output.training_loss, 4), "train_pairs": len(rows), **trl_reward_metrics(trainer, False)}
+        metrics = {"train_loss": round(train_loss, 4), "train_pairs": len(rows), **trl_reward_metrics(trainer, False)}
         self._dpo_reference = TRL_REFERENCE  # the Fisher of the DPO loss needs the reference's log-probs
         self.fisher = self._fisher(ctx, TRL_TRAINED)
         target = ctx.dir / "adapters" / cfg.adapter_name

@@ -66,8 +66,11 @@ class GRPOStage:
         params = run.policy_parameters
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
         G = cfg.group_size
+        first, _ = run.resume(("policy",), {}, {"policy": optimizer})
+        if first > 1:
+            run.sync()  # the engine samples from the restored policy
 
-        for iteration in range(1, cfg.iterations + 1):
+        for iteration in range(first, cfg.iterations + 1):
             # 1. rollout: G completions for each prompt of the batch (a prompt's completions are adjacent)
             prompts = run.next_prompts(cfg.batch_size)
             rollout = run.generate([p for p in prompts for _ in range(G)])
@@ -96,7 +99,7 @@ class GRPOStage:
                                if cfg.kl_coef else torch.zeros(()))
                     mean_entropy = masked_mean(entropy, m)
                     (pg_loss + cfg.kl_coef * kl_loss - cfg.entropy_coef * mean_entropy).backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                run.check_gradients(iteration, torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 loop.record(pg_loss=pg_loss.item(), kl_loss=kl_loss.item(), clipfrac=pg_stats["clipfrac"],
@@ -120,8 +123,7 @@ class GRPOStage:
                 "early_stopped": float(loop.stopped),
             }
             run.log(iteration, metrics, rollout, old_logprobs, mask)
-            if iteration % cfg.checkpoint_every == 0:
-                run.checkpoint(iteration, ("policy",), {}, {"policy": optimizer})
+            run.checkpoint(iteration, ("policy",), {}, {"policy": optimizer})
 
         final = {"reward": round(raw_scores.mean().item(), 4), "kl": round(kl_per_seq, 4)}
         metrics, artifacts = run.finish(final)

@@ -72,11 +72,13 @@ class KTOStage:
             callbacks=trainer_callbacks(ctx.logger),
         )
         use_console_progress(trainer)
-        output = trainer.train()
+        from alignment.trainer_hooks import train
+
+        train_loss = train(trainer, ctx)  # checkpoints, resume, NaN guard
         policy.model.eval()
 
         desirable = sum(r["label"] for r in rows)
-        metrics = {"train_loss": round(output.training_loss, 4), "train_desirable": desirable,
+        metrics = {"train_loss": round(train_loss, 4), "train_desirable": desirable,
                    "train_undesirable": len(rows) - desirable}
         metrics.update(trl_reward_metrics(trainer, bool(eval_rows)))
         metrics["reference_max_abs_diff"] = reference_drift(policy, sft_adapter)

@@ -85,9 +85,11 @@ class MultitaskStage(SFTStage):
         self.weighting = TaskWeights([t.weight for t in cfg.tasks], cfg.weighting, cfg.temperature, cfg.window)
         model = self._prepare_model(ctx)
         trainer = self.build_trainer(ctx, model, rows, [], "prompt_completion", data_collator=task_collator(ctx))
-        output = trainer.train()
+        from alignment.trainer_hooks import train
+
+        train_loss = train(trainer, ctx)  # checkpoints, resume, NaN guard
         model.eval()
-        metrics = {"train_loss": round(output.training_loss, 4), "train_samples": len(rows)}
+        metrics = {"train_loss": round(train_loss, 4), "train_samples": len(rows)}
         metrics.update({f"alpha/{name}": round(a, 4) for name, a in zip(names, self.weighting.alpha)})
         artifact = self._save(ctx)
         return StageResult(metrics, {cfg.adapter_name: ctx.relative(artifact)}, ctx.task_accuracy())

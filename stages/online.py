@@ -76,6 +76,7 @@ class OnlineRun:
         self.sync_diffs: list[tuple[float, float]] = []
         self.gold: dict = {}
         self.samples = 0
+        self.iteration = 0
 
     @property
     def policy_parameters(self) -> list:
@@ -102,6 +103,7 @@ class OnlineRun:
     def generate(self, prompts: list[str]):
         t0 = time.time()
         rollout = self.engine.generate(prompts, self.sampling)
+        self.iteration += 1  # one rollout per iteration (named in non-finite errors)
         self.timing["generate"] += time.time() - t0
         self.samples += len(prompts)
         return rollout
@@ -110,8 +112,11 @@ class OnlineRun:
         """(raw scores (B,), normalised scores minus the unfinished penalty (B,), finished (B,))."""
         import torch
 
+        from alignment.guards import check_finite
+
         t0 = time.time()
         raw = self.reward_model.score(rollout.prompts, rollout.texts).float()
+        check_finite(self.ctx.label, self.iteration, reward=raw)
         finished = torch.tensor(rollout.finished, dtype=torch.float32)
         scores = self.normalized.normalize(raw) - self.cfg.unfinished_penalty * (1 - finished)
         self.timing["score"] += time.time() - t0
@@ -172,22 +177,49 @@ class OnlineRun:
         return StageResult(metrics=metrics, artifacts=artifacts,
                            info={"engine": self.engine.name, "sync_mode": self.engine.sync_mode})
 
-    def checkpoint(self, iteration: int, adapters: tuple[str, ...], tensors: dict, optimizers: dict) -> None:
-        """Adapters, extra tensors (safetensors), optimiser states, Python and torch RNG states, the iteration."""
-        import torch
-        from safetensors.torch import save_file
+    def checkpoint(self, iteration: int, adapters: tuple[str, ...], tensors: dict, optimizers: dict,
+                   extra: dict | None = None) -> None:
+        """Every ``checkpoint_every`` iterations (and when Ctrl-C is pending): adapters, extra tensors, optimisers,
+        RNG states, prompt order, counters and ``extra`` (alignment/checkpoint.py; safetensors + JSON, no pickle)."""
+        from alignment import checkpoint
 
-        from alignment.io import atomic_write_json
+        if not checkpoint.due(self.ctx, iteration, self.cfg.checkpoint_every, self.cfg.iterations):
+            return
+        state = {
+            "order_rng": checkpoint.python_rng_state(self.rng),
+            "order": self.order,
+            "samples": self.samples,
+            "timing": self.timing,
+            "sync_diffs": self.sync_diffs,
+            "gold": self.gold,
+            "normalizer": [self.normalized.mean, self.normalized.var, self.normalized.count],
+            "extra": extra or {},
+        }
+        checkpoint.write_stage_checkpoint(self.ctx, iteration, adapters, tensors, optimizers, state)
 
-        folder = self.ctx.dir / "checkpoints" / f"iter-{iteration:05d}"
-        for name in adapters:
-            self.policy.save_adapter(name, folder / name)
-        if tensors:
-            save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(folder / "tensors.safetensors"))
-        state = {f"{name}_optimizer": opt.state_dict() for name, opt in optimizers.items()}
-        state.update(python_rng=random.getstate(), torch_rng=torch.get_rng_state(), order_rng=self.rng.getstate())
-        torch.save(state, folder / "state.pt")
-        atomic_write_json(folder / "state.json", {"iteration": iteration})
+    def resume(self, adapters: tuple[str, ...], tensors: dict, optimizers: dict) -> tuple[int, dict]:
+        """Restore what ``checkpoint`` saved from ``ctx.resume`` (adapters and ``tensors`` in place); returns (the
+        first iteration to run, ``extra``). Without a checkpoint: (1, {})."""
+        from alignment import checkpoint
+
+        state = checkpoint.read_stage_checkpoint(self.ctx, adapters, tensors, optimizers)
+        if state is None:
+            return 1, {}
+        checkpoint.set_python_rng_state(self.rng, state["order_rng"])
+        self.order, self.samples, self.gold = state["order"], state["samples"], state["gold"]
+        self.timing.update(state["timing"])
+        self.sync_diffs = [tuple(d) for d in state["sync_diffs"]]
+        self.normalized.mean, self.normalized.var, self.normalized.count = state["normalizer"]
+        self.iteration = checkpoint.checkpoint_step(self.ctx.resume)
+        return self.iteration + 1, state["extra"]
+
+    def check_gradients(self, iteration: int, norm) -> None:
+        """Stops the stage on a NaN/inf gradient norm (before the optimiser step), logs spikes."""
+        if not hasattr(self, "grad_monitor"):
+            from alignment.guards import GradNormMonitor
+
+            self.grad_monitor = GradNormMonitor(self.ctx.label, self.ctx.dir)
+        self.grad_monitor.check(iteration, float(norm))
 
     # ------------------------------------------------------------------------------------------------ set-up
 

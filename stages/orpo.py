@@ -63,10 +63,12 @@ class ORPOStage:
             callbacks=trainer_callbacks(ctx.logger),
         )
         use_console_progress(trainer)
-        output = trainer.train()
+        from alignment.trainer_hooks import train
+
+        train_loss = train(trainer, ctx)  # checkpoints, resume, NaN guard
         policy.model.eval()
 
-        metrics = {"train_loss": round(output.training_loss, 4), "train_pairs": len(rows), "dropped_pairs": dropped}
+        metrics = {"train_loss": round(train_loss, 4), "train_pairs": len(rows), "dropped_pairs": dropped}
         metrics.update(trl_reward_metrics(trainer, bool(eval_rows)))
         target = ctx.dir / "adapters" / "policy"
         policy.save_adapter("policy", target)

@@ -75,8 +75,15 @@ class PPOStage:
         value_opt = torch.optim.AdamW(value_params, lr=cfg.value_learning_rate)
         kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.adaptive_kl_target, 10_000) if cfg.adaptive_kl_target else None
         kl_coef = cfg.kl_coef
+        optimizers = {"policy": policy_opt, "value": value_opt}
+        first, extra = run.resume(("policy", "value"), {"value_head": value_head.weight}, optimizers)
+        kl_coef = extra.get("kl_coef", kl_coef)
+        if kl_ctl and "kl_coef" in extra:
+            kl_ctl.value = kl_coef
+        if first > 1:
+            run.sync()  # the engine samples from the restored policy
 
-        for iteration in range(1, cfg.iterations + 1):
+        for iteration in range(first, cfg.iterations + 1):
             # 1. rollout: sample a response for each prompt of the batch
             rollout = run.generate(run.next_prompts(cfg.batch_size))
 
@@ -114,8 +121,8 @@ class PPOStage:
                     values = _values(policy, value_head, sub, grad=True)
                     vf_loss, _ = value_loss(values, old_values[mb], returns[mb], m, cfg.value_clip_range)
                     (cfg.vf_coef * vf_loss).backward()
-                torch.nn.utils.clip_grad_norm_(policy_params, cfg.max_grad_norm)
-                torch.nn.utils.clip_grad_norm_(value_params, cfg.max_grad_norm)
+                run.check_gradients(iteration, torch.nn.utils.clip_grad_norm_(policy_params, cfg.max_grad_norm))
+                run.check_gradients(iteration, torch.nn.utils.clip_grad_norm_(value_params, cfg.max_grad_norm))
                 policy_opt.step()
                 value_opt.step()
                 policy_opt.zero_grad(set_to_none=True)
@@ -141,16 +148,17 @@ class PPOStage:
                 "early_stopped": float(loop.stopped),
             }
             run.log(iteration, metrics, rollout, old_logprobs, mask)
-            if iteration % cfg.checkpoint_every == 0:
-                run.checkpoint(iteration, ("policy", "value"), {"value_head": value_head.weight},
-                               {"policy": policy_opt, "value": value_opt})
+            run.checkpoint(iteration, ("policy", "value"), {"value_head": value_head.weight}, optimizers,
+                           {"kl_coef": kl_coef})
 
         from safetensors.torch import save_file
 
+        from alignment.io import atomic_file
+
         final = {"reward": round(raw_scores.mean().item(), 4), "kl": round(kl_per_seq, 4)}
         metrics, artifacts = run.finish(final, extra_adapters=("value",))
-        save_file({"weight": value_head.weight.detach().contiguous()},
-                  str(ctx.run_dir / artifacts["value"] / "value_head.safetensors"))
+        with atomic_file(ctx.run_dir / artifacts["value"] / "value_head.safetensors") as tmp:
+            save_file({"weight": value_head.weight.detach().contiguous()}, str(tmp))
         return run.result(metrics, artifacts)
 
 

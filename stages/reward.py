@@ -47,11 +47,12 @@ class RewardStage:
         from transformers import get_scheduler
 
         from alignment.algorithms.preference import bradley_terry_loss
-        from alignment.data import preference_rows
+        from alignment.data import check_prompt_lengths, preference_rows
         from alignment.io import atomic_write_json
         from reward_models.trained import new_score_head, save_reward_model, sequence_rewards
 
-        from alignment import distributed
+        from alignment import checkpoint, distributed
+        from alignment.guards import GradNormMonitor
 
         cfg, policy = self.config, ctx.policy
         world, rank = distributed.world_size(), distributed.rank()
@@ -60,6 +61,7 @@ class RewardStage:
         rng.shuffle(rows)
         if cfg.max_samples:
             rows = rows[: cfg.max_samples]
+        check_prompt_lengths(rows, policy.tokenizer, cfg.max_length, cfg.long_prompts, f"stages.{ctx.index}.data")
         eval_source = cfg.eval_data or ("toy:preference_eval" if cfg.data == "toy:preference" else None)
         if eval_source:
             eval_rows, _ = preference_rows(eval_source, cfg.columns, f"stages.{ctx.index}.eval_data", policy.tokenizer)
@@ -90,6 +92,13 @@ class RewardStage:
         # the loop: shuffle each epoch, BT loss on (chosen, rejected), clip, step
         policy.model.train()
         step, order, recent, seen = 0, [], [], 0
+        head_tensors = dict(head.named_parameters())
+        resumed = checkpoint.read_stage_checkpoint(ctx, (cfg.adapter_name,), head_tensors, {"optimizer": optimizer})
+        if resumed is not None:
+            step, order, recent, seen = resumed["step"], resumed["order"], resumed["recent"], resumed["seen"]
+            scheduler.load_state_dict(resumed["scheduler"])
+            checkpoint.set_python_rng_state(rng, resumed["rng"])
+        monitor = GradNormMonitor(ctx.label, ctx.dir)
         while step < total:
             for _ in range(cfg.gradient_accumulation_steps):
                 if len(order) < cfg.batch_size * world:
@@ -105,6 +114,7 @@ class RewardStage:
                     loss = loss + cfg.center_rewards_coefficient * ((chosen + rejected) ** 2).mean()
                 (loss / cfg.gradient_accumulation_steps).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            monitor.check(step + 1, float(grad_norm))  # NaN/inf stops before the step; spikes are logged
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -114,6 +124,11 @@ class RewardStage:
             if step % ctx.pipeline.logging.log_every == 0 or step == total:
                 ctx.logger.log(step, {"loss": loss.item(), "accuracy": accuracy, "grad_norm": float(grad_norm),
                                       "margin": (chosen - rejected).mean().item(), "learning_rate": scheduler.get_last_lr()[0]})
+            if world == 1 and checkpoint.due(ctx, step, cfg.checkpoint_every, total):
+                state = {"step": step, "order": order, "recent": recent, "seen": seen,
+                         "scheduler": scheduler.state_dict(), "rng": checkpoint.python_rng_state(rng)}
+                checkpoint.write_stage_checkpoint(ctx, step, (cfg.adapter_name,), head_tensors,
+                                                  {"optimizer": optimizer}, state)
         policy.model.eval()
         if world > 1:
             import sys

@@ -66,10 +66,16 @@ class SFTStage:
     def run(self, ctx: StageContext) -> StageResult:
         cfg = self.config
         rows, eval_rows, fmt, metrics = self.training_data(ctx)
+        from alignment.data import check_prompt_lengths
+
+        metrics.update(check_prompt_lengths(rows, ctx.policy.tokenizer, cfg.max_length, cfg.long_prompts,
+                                            f"stages.{ctx.index}.data"))
         model = self._prepare_model(ctx)
         trainer = self.build_trainer(ctx, model, rows, eval_rows, fmt)
-        output = trainer.train()
-        metrics = {"train_loss": round(output.training_loss, 4), "train_samples": len(rows), **metrics}
+        from alignment.trainer_hooks import train
+
+        train_loss = train(trainer, ctx)  # checkpoints, resume, NaN guard
+        metrics = {"train_loss": round(train_loss, 4), "train_samples": len(rows), **metrics}
         if eval_rows:
             metrics["eval_loss"] = round(trainer.evaluate()["eval_loss"], 4)
         model.eval()

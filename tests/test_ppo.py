@@ -79,11 +79,8 @@ def test_ppo_improves_gold_with_the_default_vllm_engine(ppo_run):
     for key in ("reward", "kl", "entropy", "approx_kl", "clipfrac", "vf_loss", "explained_variance", "response_length",
                 "time_generate", "time_train"):
         assert key in lines[-1], key
-    checkpoint = run_dir / "2-ppo" / "checkpoints" / "iter-00060"
-    state = torch.load(checkpoint / "state.pt", weights_only=False)
-    assert {"policy_optimizer", "value_optimizer", "python_rng", "torch_rng"} <= set(state)
-    assert json.loads((checkpoint / "state.json").read_text()) == {"iteration": 60}
-    assert (checkpoint / "policy" / "adapter_model.safetensors").exists()
+    # checkpoints serve only a resume and go once the stage is DONE (their format and the resume: test_resume.py)
+    assert not (run_dir / "2-ppo" / "checkpoints").exists()
 
 
 def test_swap_ppo_for_dpo_is_one_override(ppo_run):
