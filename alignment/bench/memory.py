@@ -1,0 +1,162 @@
+"""`alignment bench memory`: peak PSS (proportional set size, summed over the whole process tree, read from
+/proc/<pid>/smaps_rollup every 0.2 s) of separate processes:
+
+    sft          the SFT stage alone
+    ppo-hf       the PPO stage (policy + reference + critic + same-base reward adapters), HF engine
+    ppo-vllm     the same with the vLLM engine (its weights and KV reservation live in the same process tree)
+    four-copies  a baseline: one PPO iteration's work with four separate model copies (policy, reference, critic,
+                 reward), as PPO implementations without a shared base hold them
+
+PSS counts shared pages (e.g. the mmapped weights, libraries) once across the tree, so children are not double
+counted. The Python runtime with torch, transformers and TRL imported is part of every figure.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from alignment.bench.common import Bench, Chart, Report, bench_model
+from alignment.bench.runs import PREP_STAGES, online_stage, write_config
+
+MIB = 1024 * 1024
+
+
+def pss_bytes(pid: int) -> int:
+    """PSS of one process (0 if it is gone or unreadable)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants, from /proc/<pid>/task/<tid>/children."""
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                pass
+    return tree
+
+
+def tree_pss(pid: int) -> int:
+    return sum(pss_bytes(p) for p in process_tree(pid))
+
+
+class PeakSampler:
+    """Polls the tree's PSS in a thread until stopped; ``peak`` in bytes."""
+
+    def __init__(self, pid: int, interval: float = 0.2):
+        self.pid, self.interval, self.peak = pid, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_pss(self.pid))
+            self._stop.wait(self.interval)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def measure_command(command: list[str], log: Path) -> tuple[int, float]:
+    """Runs ``command`` (output to ``log``); returns (peak PSS of its tree in bytes, seconds)."""
+    from alignment.errors import UserError
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[2]),
+                                                                         os.environ.get("PYTHONPATH")]))}
+    start = time.time()
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        sampler = PeakSampler(process.pid)
+        code = process.wait()
+        peak = sampler.stop()
+    if code != 0:
+        raise UserError(f"bench memory: `{' '.join(command)}` failed (exit {code}); see {log}")
+    return peak, time.time() - start
+
+
+def run(bench: Bench, batch: int, new_tokens: int) -> Report:
+    report = Report("memory", f"Peak memory, PSS over the process tree ({bench.size} Llama, bf16)",
+                    {"batch": batch, "new_tokens": new_tokens, "sft_batch": 16, "sft_steps": 8},
+                    ["run", "peak_pss_mib", "vs_sft", "seconds"],
+                    chart=Chart("run", "peak_pss_mib", "peak PSS (MiB)"))
+    out = bench.out
+    python = [sys.executable, "-m", "alignment", "run"]
+    sft = write_config(out, bench.size, "memory-sft", [{**PREP_STAGES[0], "max_steps": 8, "batch_size": 16}],
+                       name=f"bench-{bench.size}-memory-sft")
+    prep = write_config(out, bench.size, "memory-prep", PREP_STAGES)
+    measure_command([*python, str(prep)], out / "memory-prep.log")  # trains the prep stages, not measured
+    commands = {"sft": [*python, str(sft)]}
+    for engine in ("hf", "vllm"):
+        stage = online_stage("ppo", 2, batch_size=batch, max_new_tokens=new_tokens, rollout={"engine": engine})
+        commands[f"ppo-{engine}"] = [*python, str(write_config(out, bench.size, f"memory-ppo-{engine}",
+                                                               [*PREP_STAGES, stage]))]
+    commands["four-copies"] = [sys.executable, "-m", "alignment.bench.memory", str(bench_model(bench.size)),
+                               str(batch), str(new_tokens)]
+    peaks = {}
+    for name, command in commands.items():
+        peak, seconds = measure_command(command, out / f"memory-{name}.log")
+        peaks[name] = peak
+        report.rows.append({"run": name, "peak_pss_mib": peak / MIB, "seconds": seconds})
+    for row in report.rows:
+        row["vs_sft"] = peaks[row["run"]] / peaks["sft"]
+    report.goal("PPO peak / SFT peak, HF engine", peaks["ppo-hf"] / peaks["sft"], 1.5, higher_is_better=False)
+    report.notes.append(f"vLLM's share (ppo-vllm minus ppo-hf): {(peaks['ppo-vllm'] - peaks['ppo-hf']) / MIB:,.0f} MiB "
+                        "(its copy of the weights, KV cache reservation, runtime)")
+    report.notes.append("every run is a fresh process: its PSS includes the Python runtime with torch/transformers "
+                        "imported; each PPO run does 2 iterations")
+    return report
+
+
+def four_copies(model: str, batch: int, new_tokens: int) -> None:
+    """One PPO iteration's work with four separate copies of the model: the policy (LoRA) generates; reference,
+    reward and critic score; policy and critic (LoRA) train on minibatches of 16."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from alignment.bench.common import bench_prompts
+    from alignment.policy import load_tokenizer
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
+
+    def lora(m):
+        return get_peft_model(m, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+
+    tok = load_tokenizer(model)
+    tok.padding_side = "left"
+    policy, reference, reward, critic = lora(load()), load(), load(), lora(load())
+    prompts = tok(bench_prompts(batch), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        sequences = policy.generate(**prompts, do_sample=True, max_new_tokens=new_tokens, top_k=0,
+                                    pad_token_id=tok.pad_token_id)
+        for m in (reference, reward, critic):
+            m(input_ids=sequences)
+    optimizer = torch.optim.AdamW([p for m in (policy, critic) for p in m.parameters() if p.requires_grad], lr=1e-4)
+    for mb in sequences.split(16):
+        for m in (policy, critic):
+            m(input_ids=mb).logits.float().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+if __name__ == "__main__":
+    four_copies(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
