@@ -68,10 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3, help="measured repeats (PPO/TRL: iterations after a warm-up)")
     bench.add_argument("--threads", type=int, default=0, help="cores for torch and vLLM (default: every free core)")
     bench.add_argument("--batches", default="8,32,64", help="rollout: batch sizes")
-    bench.add_argument("--batch", type=int, default=64, help="sync/ppo/memory: prompts per generation")
-    bench.add_argument("--new-tokens", type=int, help="max new tokens (rollout/ppo/memory 128, sync 64)")
+    bench.add_argument("--batch", type=int, default=64, help="sync/ppo/memory: prompts per generation; compare-trl: completions per step (16 prompts x 4)")
+    bench.add_argument("--new-tokens", type=int, help="max new tokens (rollout/ppo/memory 128, sync/compare-trl 64)")
     bench.add_argument("--ranks", default="8,16,64", help="sync: LoRA ranks")
-    bench.add_argument("--engines", help="rollout: hf,vllm; ppo: hf,vllm-merged,vllm-lora; compare-trl: vllm,hf")
+    bench.add_argument("--engines", help="rollout, ppo: hf,vllm-merged,vllm-lora; sync: vllm-lora,vllm-merged; "
+                       "compare-trl: vllm (default),hf")
+    bench.add_argument("--runs", default="imports,sft,ppo-hf,ppo-vllm,four-copies", help="memory: runs to measure")
     return parser
 
 
@@ -135,7 +137,7 @@ def _dispatch(args) -> int:
     if args.command == "bench":
         from alignment.bench import Options, run_benchmark
 
-        fields = ("size", "repeats", "threads", "batches", "batch", "new_tokens", "ranks", "engines")
+        fields = ("size", "repeats", "threads", "batches", "batch", "new_tokens", "ranks", "engines", "runs")
         for path in run_benchmark(args.what, Options(Path(args.out), **{f: getattr(args, f) for f in fields})):
             print(path)
         return 0

@@ -20,9 +20,10 @@ from pathlib import Path
 from alignment.errors import UserError
 
 BENCHMARKS = ("rollout", "sync", "ppo", "memory", "compare-trl")
-ENGINE_CHOICES = {"rollout": ("hf", "vllm"), "ppo": ("hf", "vllm-merged", "vllm-lora"), "compare-trl": ("vllm", "hf")}
-DEFAULT_ENGINES = {"rollout": "hf,vllm", "ppo": "hf,vllm-merged,vllm-lora", "compare-trl": "vllm"}
-NEEDS_VLLM = {"sync"}
+ENGINES = ("hf", "vllm-merged", "vllm-lora")
+ENGINE_CHOICES = {"rollout": ENGINES, "sync": ENGINES[1:], "ppo": ENGINES, "compare-trl": ("vllm", "hf")}
+DEFAULT_ENGINES = {"compare-trl": "vllm"}  # others: every choice
+MEMORY_RUNS = ("imports", "sft", "ppo-hf", "ppo-vllm", "four-copies")
 
 
 @dataclasses.dataclass
@@ -36,6 +37,7 @@ class Options:
     new_tokens: int | None = None  # None: the benchmark's default
     ranks: str = "8,16,64"
     engines: str | None = None  # None: the benchmark's default
+    runs: str = ",".join(MEMORY_RUNS)  # memory only
 
 
 def _ints(text: str, option: str) -> list[int]:
@@ -48,15 +50,15 @@ def _ints(text: str, option: str) -> list[int]:
     return values
 
 
-def _engines(what: str, text: str | None) -> list[str]:
-    choices = ENGINE_CHOICES.get(what, ())
-    engines = [e.strip() for e in (text or DEFAULT_ENGINES.get(what, "")).split(",") if e.strip()]
-    unknown = [e for e in engines if e not in choices]
-    if unknown or not engines:
-        raise UserError(f"bench --engines: {text!r} for `{what}`; choose from {', '.join(choices)} (comma-separated)")
-    if any(e.startswith("vllm") for e in engines) and importlib.util.find_spec("vllm") is None:
-        raise UserError("bench --engines: vLLM is not installed; install the `cpu` or `cuda` extra or pass --engines hf")
-    return engines
+def _choose(what: str, option: str, text: str, choices: tuple[str, ...]) -> list[str]:
+    """The comma-separated ``text``, each checked against ``choices``; vLLM ones need vLLM installed."""
+    chosen = [e.strip() for e in text.split(",") if e.strip()]
+    if not chosen or any(e not in choices for e in chosen):
+        raise UserError(f"bench {option}: {text!r} for `{what}`; choose from {', '.join(choices)} (comma-separated)")
+    if any("vllm" in e for e in chosen) and importlib.util.find_spec("vllm") is None:
+        raise UserError(f"bench {option}: vLLM is not installed; install the `cpu` or `cuda` extra or leave the vLLM "
+                        "choices out")
+    return chosen
 
 
 def run_benchmark(what: str, options: Options) -> list[Path]:
@@ -73,9 +75,11 @@ def run_benchmark(what: str, options: Options) -> list[Path]:
     threads = options.threads or cores
     if not 1 <= threads <= cores:
         raise UserError(f"bench --threads: {options.threads} is outside 1..{cores} (this machine's free cores)")
-    if what in NEEDS_VLLM and importlib.util.find_spec("vllm") is None:
-        raise UserError(f"bench {what}: needs vLLM, which is not installed (install the `cpu` or `cuda` extra)")
-    engines = _engines(what, options.engines) if what in ENGINE_CHOICES else []
+    if what == "memory":
+        engines = _choose(what, "--runs", options.runs, MEMORY_RUNS)
+    else:
+        choices = ENGINE_CHOICES[what]
+        engines = _choose(what, "--engines", options.engines or DEFAULT_ENGINES.get(what, ",".join(choices)), choices)
     use_threads(threads)
     bench = Bench(options.out, options.size, options.repeats, threads)
     if what == "rollout":
@@ -85,7 +89,7 @@ def run_benchmark(what: str, options: Options) -> list[Path]:
     elif what == "sync":
         from alignment.bench import sync
 
-        report = sync.run(bench, _ints(options.ranks, "--ranks"), options.batch, options.new_tokens or 64)
+        report = sync.run(bench, _ints(options.ranks, "--ranks"), options.batch, options.new_tokens or 64, engines)
     elif what == "ppo":
         from alignment.bench import ppo
 
@@ -93,9 +97,13 @@ def run_benchmark(what: str, options: Options) -> list[Path]:
     elif what == "memory":
         from alignment.bench import memory
 
-        report = memory.run(bench, options.batch, options.new_tokens or 128)
+        report = memory.run(bench, options.batch, options.new_tokens or 128, engines)
     else:
         from alignment.bench import compare_trl
 
-        report = compare_trl.run(bench, engines)
+        if options.batch % compare_trl.GROUP:
+            raise UserError(f"bench --batch: {options.batch} completions per step must be a multiple of the group size "
+                            f"{compare_trl.GROUP}")
+        report = compare_trl.run(bench, engines, compare_trl.Shape(options.batch // compare_trl.GROUP,
+                                                                   options.new_tokens or 64))
     return bench.write(report)

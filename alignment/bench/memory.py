@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from alignment.bench.common import Bench, Chart, Report, bench_model
-from alignment.bench.runs import PREP_STAGES, online_stage, write_config
+from alignment.bench.runs import PREP_STAGES, online_stage, run_config, write_config
 
 MIB = 1024 * 1024
 
@@ -92,37 +92,49 @@ def measure_command(command: list[str], log: Path) -> tuple[int, float]:
     return peak, time.time() - start
 
 
-def run(bench: Bench, batch: int, new_tokens: int) -> Report:
+def run(bench: Bench, batch: int, new_tokens: int, runs: list[str]) -> Report:
     report = Report("memory", f"Peak memory, PSS over the process tree ({bench.size} Llama, bf16)",
-                    {"batch": batch, "new_tokens": new_tokens, "sft_batch": 16, "sft_steps": 8},
+                    {"batch": batch, "new_tokens": new_tokens, "sft_batch": 16, "sft_steps": 8, "runs": runs},
                     ["run", "peak_pss_mib", "vs_sft", "seconds"],
                     chart=Chart("run", "peak_pss_mib", "peak PSS (MiB)"))
-    out = bench.out
-    python = [sys.executable, "-m", "alignment", "run"]
-    sft = write_config(out, bench.size, "memory-sft", [{**PREP_STAGES[0], "max_steps": 8, "batch_size": 16}],
-                       name=f"bench-{bench.size}-memory-sft")
-    prep = write_config(out, bench.size, "memory-prep", PREP_STAGES)
-    measure_command([*python, str(prep)], out / "memory-prep.log")  # trains the prep stages, not measured
-    commands = {"sft": [*python, str(sft)]}
-    for engine in ("hf", "vllm"):
-        stage = online_stage("ppo", 2, batch_size=batch, max_new_tokens=new_tokens, rollout={"engine": engine})
-        commands[f"ppo-{engine}"] = [*python, str(write_config(out, bench.size, f"memory-ppo-{engine}",
-                                                               [*PREP_STAGES, stage]))]
-    commands["four-copies"] = [sys.executable, "-m", "alignment.bench.memory", str(bench_model(bench.size)),
-                               str(batch), str(new_tokens)]
     peaks = {}
-    for name, command in commands.items():
-        peak, seconds = measure_command(command, out / f"memory-{name}.log")
+    for name, command in _commands(bench, batch, new_tokens, runs).items():
+        peak, seconds = measure_command(command, bench.out / f"memory-{name}.log")
         peaks[name] = peak
         report.rows.append({"run": name, "peak_pss_mib": peak / MIB, "seconds": seconds})
     for row in report.rows:
-        row["vs_sft"] = peaks[row["run"]] / peaks["sft"]
-    report.goal("PPO peak / SFT peak, HF engine", peaks["ppo-hf"] / peaks["sft"], 1.5, higher_is_better=False)
-    report.notes.append(f"vLLM's share (ppo-vllm minus ppo-hf): {(peaks['ppo-vllm'] - peaks['ppo-hf']) / MIB:,.0f} MiB "
-                        "(its copy of the weights, KV cache reservation, runtime)")
-    report.notes.append("every run is a fresh process: its PSS includes the Python runtime with torch/transformers "
-                        "imported; each PPO run does 2 iterations")
+        row["vs_sft"] = peaks[row["run"]] / peaks["sft"] if "sft" in peaks else None
+    if {"sft", "ppo-hf"} <= set(peaks):
+        report.goal("PPO peak / SFT peak, HF engine", peaks["ppo-hf"] / peaks["sft"], 1.5, higher_is_better=False)
+    if {"ppo-hf", "ppo-vllm"} <= set(peaks):
+        report.notes.append(f"vLLM's share (ppo-vllm minus ppo-hf): {(peaks['ppo-vllm'] - peaks['ppo-hf']) / MIB:,.0f} "
+                            "MiB (its copy of the weights, KV cache reservation, runtime)")
+    report.notes.append("every run is a fresh process: its PSS includes the Python runtime (`imports`: torch, "
+                        "transformers, TRL and peft imported, nothing else); each PPO run does 2 iterations")
     return report
+
+
+def _commands(bench: Bench, batch: int, new_tokens: int, runs: list[str]) -> dict[str, list[str]]:
+    """Run name -> command line, in ``MEMORY_RUNS`` order, for the runs asked for."""
+    out, python = bench.out, [sys.executable, "-m", "alignment", "run"]
+    commands = {}
+    if "imports" in runs:
+        commands["imports"] = [sys.executable, "-c", "import torch, transformers, trl, peft"]
+    if "sft" in runs:
+        sft = [{**PREP_STAGES[0], "max_steps": 8, "batch_size": 16}]
+        commands["sft"] = [*python, str(write_config(out, bench.size, "memory-sft", sft,
+                                                     name=f"bench-{bench.size}-memory-sft"))]
+    engines = [r.removeprefix("ppo-") for r in runs if r.startswith("ppo-")]
+    if engines:  # the PPO runs' first stages, trained here (not measured) unless an earlier bench did
+        run_config(write_config(out, bench.size, "memory-prep", PREP_STAGES, measured=False))
+    for engine in engines:
+        stage = online_stage("ppo", 2, batch_size=batch, max_new_tokens=new_tokens, rollout={"engine": engine})
+        commands[f"ppo-{engine}"] = [*python, str(write_config(out, bench.size, f"memory-ppo-{engine}",
+                                                               [*PREP_STAGES, stage]))]
+    if "four-copies" in runs:
+        commands["four-copies"] = [sys.executable, "-m", "alignment.bench.memory", str(bench_model(bench.size)),
+                                   str(batch), str(new_tokens)]
+    return commands
 
 
 def four_copies(model: str, batch: int, new_tokens: int) -> None:

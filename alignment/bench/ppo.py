@@ -72,7 +72,7 @@ def run(bench: Bench, batch: int, new_tokens: int, engines: list[str]) -> Report
         path = write_config(bench.out, bench.size, f"ppo-{name}", [*PREP_STAGES, stage])
         with timed_forwards("stages.ppo") as forwards:
             run_config(path)
-        report.rows.append(_row(name, iteration_records(bench.out, bench.size), forwards, batch))
+        report.rows.append(_row(name, iteration_records(bench.out, bench.size, "ppo"), forwards, batch))
     hf = next((r for r in report.rows if r["engine"] == "hf"), None)
     vllm = [r for r in report.rows if r["engine"].startswith("vllm")]
     if hf and vllm:

@@ -96,11 +96,13 @@ def run(bench: Bench, batches: list[int], new_tokens: int, engines: list[str]) -
 
     if "hf" in engines:
         _hf_rows(bench, batches, new_tokens, sampling, measure)
-    if "vllm" in engines:
-        _vllm_rows(bench, batches, new_tokens, sampling, measure)
+    modes = [e.removeprefix("vllm-") for e in engines if e.startswith("vllm")]
+    if modes:
+        _vllm_rows(bench, batches, new_tokens, sampling, measure, modes)
     _goals(report, max(batches))
-    report.notes.append("raw LLM.generate runs on the same vLLM engine our VLLMEngine wraps (same process, same "
-                        "settings); `merged` serves the adapter merged into the weights (no LoRA at generation time)")
+    if modes:
+        report.notes.append("raw LLM.generate runs on the same vLLM engine our VLLMEngine wraps (same process, same "
+                            "settings); `merged` serves the adapter merged into the weights (no LoRA at generation time)")
     return report
 
 
@@ -125,11 +127,11 @@ def _hf_rows(bench, batches, new_tokens, sampling, measure) -> None:
                 lambda p=bench_prompts(batch), e=engine: engine_tokens(e, p, sampling))
 
 
-def _vllm_rows(bench, batches, new_tokens, sampling, measure) -> None:
+def _vllm_rows(bench, batches, new_tokens, sampling, measure, modes: list[str]) -> None:
     from alignment.rollout.vllm import VLLMEngine
 
     policy = load_policy(bench.size)
-    for mode in ("merged", "lora"):
+    for mode in modes:
         engine = VLLMEngine(policy, mode, memory_fraction=0.3, lora_rank=LORA_RANK, max_model_len=MAX_POSITIONS, seed=0)
         try:
             adapter = f"LoRA r{LORA_RANK}" if mode == "lora" else "none"

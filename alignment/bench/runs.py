@@ -8,6 +8,7 @@ trains them once per ``DIR`` and later runs skip them; only the measured stage (
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,19 @@ PREP_STAGES = [
 MEASURED = 2  # index of the measured stage
 
 
-def write_config(out: Path, size: str, label: str, stages: list[dict], **top: Any) -> Path:
-    """``DIR/configs/<label>.yaml``: the bench model in bf16, LoRA r=16, then ``stages``."""
+def write_config(out: Path, size: str, label: str, stages: list[dict], measured: bool = True, **top: Any) -> Path:
+    """``DIR/configs/<label>.yaml``: the bench model in bf16, LoRA r=16, then ``stages``. With ``measured`` the
+    last stage's folder is removed, so the pipeline runs it again instead of skipping it as unchanged."""
+    from alignment.pipeline import stage_dirname
+
     config = {"name": f"bench-{size}", "model": str(bench_model(size)), "dtype": "bfloat16",
               "output_dir": str(Path(out) / "runs"), "logging": {"log_every": 1000}, **top, "stages": stages}
     path = Path(out) / "configs" / f"{label}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
+    if measured:
+        last = len(stages) - 1
+        shutil.rmtree(Path(out) / "runs" / config["name"] / stage_dirname(last, stages[last]["kind"]), ignore_errors=True)
     return path
 
 
@@ -44,14 +51,12 @@ def online_stage(kind: str, iterations: int, **fields: Any) -> dict:
     return {"kind": kind, "iterations": iterations, "checkpoint_every": 10_000, "sync_check_every": 10_000, **fields}
 
 
-def stage_dir(out: Path, size: str, index: int = MEASURED) -> Path:
-    run = Path(out) / "runs" / f"bench-{size}"
-    return next(p for p in run.iterdir() if p.is_dir() and p.name.startswith(f"{index}-"))
-
-
-def iteration_records(out: Path, size: str) -> list[dict]:
+def iteration_records(out: Path, size: str, kind: str) -> list[dict]:
     """metrics.jsonl of the measured stage, each line with ``wall_s``: seconds since the previous line."""
-    lines = [json.loads(x) for x in (stage_dir(out, size) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    from alignment.pipeline import stage_dirname
+
+    path = Path(out) / "runs" / f"bench-{size}" / stage_dirname(MEASURED, kind) / "metrics.jsonl"
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
     previous = 0.0
     for line in lines:
         line["wall_s"], previous = line["time_s"] - previous, line["time_s"]

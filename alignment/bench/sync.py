@@ -14,7 +14,7 @@ from alignment.bench.rollout import engine_tokens, load_policy, randomize_adapte
 GOALS = {"lora": (16, 0.1), "merged": (16, 1.0)}  # mode -> (rank, seconds to the first token)
 
 
-def run(bench: Bench, ranks: list[int], batch: int, new_tokens: int) -> Report:
+def run(bench: Bench, ranks: list[int], batch: int, new_tokens: int, engines: list[str]) -> Report:
     from alignment.config import AdapterConfig
     from alignment.rollout import Sampling
     from alignment.rollout.vllm import VLLMEngine
@@ -27,7 +27,7 @@ def run(bench: Bench, ranks: list[int], batch: int, new_tokens: int) -> Report:
     policy = load_policy(bench.size, lora_rank=min(ranks))
     one_token, sampling = Sampling(1, temperature=1.0), Sampling(new_tokens, temperature=1.0)
     prompts = bench_prompts(batch)
-    for mode in ("lora", "merged"):
+    for mode in [e.removeprefix("vllm-") for e in engines]:
         engine = VLLMEngine(policy, mode, memory_fraction=0.3, lora_rank=max(ranks), max_model_len=MAX_POSITIONS,
                             seed=0)
         try:
@@ -54,7 +54,8 @@ def run(bench: Bench, ranks: list[int], batch: int, new_tokens: int) -> Report:
             engine.close()
     for mode, (rank, seconds) in GOALS.items():
         row = next((r for r in report.rows if r["mode"] == mode and r["rank"] == rank), None)
-        report.goal(f"{mode} sync to the first token, rank {rank} (s)", row and row["to_first_token_s"], seconds,
-                    higher_is_better=False)
+        if row:
+            report.goal(f"{mode} sync to the first token, rank {rank} (s)", row["to_first_token_s"], seconds,
+                        higher_is_better=False)
     report.notes.append(f"tok_s_after: generation speed after the sync, {batch} prompts x {new_tokens} new tokens")
     return report
