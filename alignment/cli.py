@@ -73,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--ranks", default="8,16,64", help="sync: LoRA ranks")
     bench.add_argument("--engines", help="rollout, ppo: hf,vllm-merged,vllm-lora; sync: vllm-lora,vllm-merged; "
                        "compare-trl: vllm (default),hf")
+    bench.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bf16 on a GPU) | float32 | bfloat16")
     bench.add_argument("--runs", default="imports,sft,ppo-hf,ppo-vllm,four-copies", help="memory: runs to measure")
     return parser
 
@@ -137,7 +138,7 @@ def _dispatch(args) -> int:
     if args.command == "bench":
         from alignment.bench import Options, run_benchmark
 
-        fields = ("size", "repeats", "threads", "batches", "batch", "new_tokens", "ranks", "engines", "runs")
+        fields = ("size", "repeats", "threads", "batches", "batch", "new_tokens", "ranks", "engines", "runs", "dtype")
         for path in run_benchmark(args.what, Options(Path(args.out), **{f: getattr(args, f) for f in fields})):
             print(path)
         return 0

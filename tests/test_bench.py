@@ -77,7 +77,8 @@ def test_compare_trl(out):
 
 def test_pss_is_summed_over_the_process_tree():
     grandchild = "import time; x = bytearray(50_000_000); time.sleep(1.5)"
-    child = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {grandchild!r}])"])
+    parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {grandchild!r}])"
+    child = subprocess.Popen([sys.executable, "-c", parent])
     try:
         sampler = PeakSampler(child.pid, interval=0.05)
         child.wait()

@@ -38,6 +38,7 @@ class Options:
     ranks: str = "8,16,64"
     engines: str | None = None  # None: the benchmark's default
     runs: str = ",".join(MEMORY_RUNS)  # memory only
+    dtype: str = "auto"  # auto: float32 on CPU (bf16 matmuls are slow without AVX512-BF16/AMX), bf16 on a GPU
 
 
 def _ints(text: str, option: str) -> list[int]:
@@ -81,7 +82,9 @@ def run_benchmark(what: str, options: Options) -> list[Path]:
         choices = ENGINE_CHOICES[what]
         engines = _choose(what, "--engines", options.engines or DEFAULT_ENGINES.get(what, ",".join(choices)), choices)
     use_threads(threads)
-    bench = Bench(options.out, options.size, options.repeats, threads)
+    if options.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise UserError(f"bench --dtype: {options.dtype!r}; choose auto, float32, bfloat16 or float16")
+    bench = Bench(options.out, options.size, options.repeats, threads, options.dtype)
     if what == "rollout":
         from alignment.bench import rollout
 

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 SIZES = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=1, num_key_value_heads=1, intermediate_size=128),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=1, num_key_value_heads=1,
+                 intermediate_size=128),
     "76m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
                 intermediate_size=2048),
     "0.5b": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=4,
@@ -33,7 +34,8 @@ MAX_POSITIONS = 512
 
 
 def bench_model(size: str) -> Path:
-    """The folder of the random Llama of this size (built once, cached beside the toy model), bf16 weights."""
+    """The folder of the random Llama of this size (built once, cached beside the toy model), bf16 weights
+    (loaded in the benchmark's dtype)."""
     import torch
     from filelock import FileLock
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -167,8 +169,11 @@ class Report:
 class Bench:
     """Context for one benchmark run: records load average and time at start and end, then writes the outputs."""
 
-    def __init__(self, out: Path, size: str, repeats: int, threads: int):
+    def __init__(self, out: Path, size: str, repeats: int, threads: int, dtype: str = "auto"):
+        from alignment.policy import torch_dtype
+
         self.out, self.size, self.repeats, self.threads = Path(out), size, repeats, threads
+        self.dtype = str(torch_dtype(dtype)).removeprefix("torch.")  # auto: float32 on CPU, bf16 on a GPU
         self.started = datetime.datetime.now(datetime.timezone.utc)
         self.load_start = os.getloadavg()
 
@@ -182,7 +187,8 @@ class Bench:
             "loadavg_start": [round(x, 2) for x in self.load_start],
             "loadavg_end": [round(x, 2) for x in os.getloadavg()],
             "machine": machine_info(),
-            "settings": {"size": self.size, "repeats": self.repeats, "threads": self.threads, **report.settings},
+            "settings": {"size": self.size, "dtype": self.dtype, "repeats": self.repeats, "threads": self.threads,
+                         **report.settings},
             "rows": report.rows,
             "goals": report.goals,
             "notes": report.notes,

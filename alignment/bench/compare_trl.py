@@ -2,8 +2,8 @@
 RLOOTrainer, one after another in one command, on the same model, prompts and settings:
 
     16 prompts x 4 completions per step (PPO: 64 prompts x 1), 64 new tokens, temperature 1, LoRA r=16 (alpha 32,
-    all linear layers), bf16, no gradient checkpointing, one optimisation pass per batch (our ppo_epochs=1 with one
-    minibatch of 64; TRL num_iterations=1 with per_device_train_batch_size=64), KL coefficient 0.05 (TRL beta),
+    all linear layers), the bench dtype (the issue asks bf16; see docs/benchmarks.md), no gradient checkpointing,
+    one optimisation pass per batch (our ppo_epochs=1 with one minibatch of 64; TRL num_iterations=1 with per_device_train_batch_size=64), KL coefficient 0.05 (TRL beta),
     learning rate 5e-4, the same rule reward (no reward model: it would cost the same on both sides).
 
 A step is timed from one metrics line / ``on_step_end`` to the next; the first step (warm-up) is left out.
@@ -89,7 +89,7 @@ def _ours(bench: Bench, kind: str, engine: str, steps: int, shape: Shape) -> lis
         stage = online_stage(kind, steps, batch_size=shape.samples, **shared)
     else:
         stage = online_stage(kind, steps, batch_size=shape.prompts, group_size=GROUP, **shared)
-    run_config(write_config(bench.out, bench.size, f"compare-{kind}-{engine}", [*PREP_STAGES, stage]))
+    run_config(write_config(bench, f"compare-{kind}-{engine}", [*PREP_STAGES, stage]))
     return iteration_records(bench.out, bench.size, kind)
 
 
@@ -115,14 +115,15 @@ def _trl(bench: Bench, name: str, steps: int, shape: Shape) -> list[float]:
     with tempfile.TemporaryDirectory() as tmp:
         args = config_class(
             output_dir=tmp, per_device_train_batch_size=shape.samples, num_generations=GROUP,
-            max_completion_length=shape.new_tokens, num_iterations=1, gradient_checkpointing=False, bf16=True,
+            max_completion_length=shape.new_tokens, num_iterations=1, gradient_checkpointing=False,
+            bf16=bench.dtype == "bfloat16",
             use_cpu=not torch.cuda.is_available(), learning_rate=LR, beta=KL, temperature=1.0, top_k=0, max_steps=steps,
             logging_steps=1, report_to="none", save_strategy="no", seed=0, disable_tqdm=True,
         )
         timer = StepTimer()
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, bench.dtype))
         trainer = trainer_class(
-            model=AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16), reward_funcs=trl_reward,
-            args=args, train_dataset=Dataset.from_dict({"prompt": bench_prompts(shape.prompts * steps)}),
+            model=model, reward_funcs=trl_reward, args=args, train_dataset=Dataset.from_dict({"prompt": bench_prompts(shape.prompts * steps)}),
             processing_class=load_tokenizer(folder), callbacks=[timer],
             peft_config=LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules="all-linear",
                                    task_type="CAUSAL_LM"),

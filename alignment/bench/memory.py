@@ -93,8 +93,8 @@ def measure_command(command: list[str], log: Path) -> tuple[int, float]:
 
 
 def run(bench: Bench, batch: int, new_tokens: int, runs: list[str]) -> Report:
-    report = Report("memory", f"Peak memory, PSS over the process tree ({bench.size} Llama, bf16)",
-                    {"batch": batch, "new_tokens": new_tokens, "sft_batch": 16, "sft_steps": 8, "runs": runs},
+    report = Report("memory", f"Peak memory, PSS over the process tree ({bench.size} Llama, {bench.dtype})",
+                    {"batch": batch, "new_tokens": new_tokens, "sft_batch": 16, "sft_steps": 3, "runs": runs},
                     ["run", "peak_pss_mib", "vs_sft", "seconds"],
                     chart=Chart("run", "peak_pss_mib", "peak PSS (MiB)"))
     peaks = {}
@@ -116,28 +116,28 @@ def run(bench: Bench, batch: int, new_tokens: int, runs: list[str]) -> Report:
 
 def _commands(bench: Bench, batch: int, new_tokens: int, runs: list[str]) -> dict[str, list[str]]:
     """Run name -> command line, in ``MEMORY_RUNS`` order, for the runs asked for."""
-    out, python = bench.out, [sys.executable, "-m", "alignment", "run"]
+    python = [sys.executable, "-m", "alignment", "run"]
     commands = {}
     if "imports" in runs:
         commands["imports"] = [sys.executable, "-c", "import torch, transformers, trl, peft"]
     if "sft" in runs:
-        sft = [{**PREP_STAGES[0], "max_steps": 8, "batch_size": 16}]
-        commands["sft"] = [*python, str(write_config(out, bench.size, "memory-sft", sft,
+        sft = [{**PREP_STAGES[0], "max_steps": 3, "batch_size": 16}]
+        commands["sft"] = [*python, str(write_config(bench, "memory-sft", sft,
                                                      name=f"bench-{bench.size}-memory-sft"))]
     engines = [r.removeprefix("ppo-") for r in runs if r.startswith("ppo-")]
     if engines:  # the PPO runs' first stages, trained here (not measured) unless an earlier bench did
-        run_config(write_config(out, bench.size, "memory-prep", PREP_STAGES, measured=False))
+        run_config(write_config(bench, "memory-prep", PREP_STAGES, measured=False))
     for engine in engines:
         stage = online_stage("ppo", 2, batch_size=batch, max_new_tokens=new_tokens, rollout={"engine": engine})
-        commands[f"ppo-{engine}"] = [*python, str(write_config(out, bench.size, f"memory-ppo-{engine}",
+        commands[f"ppo-{engine}"] = [*python, str(write_config(bench, f"memory-ppo-{engine}",
                                                                [*PREP_STAGES, stage]))]
     if "four-copies" in runs:
         commands["four-copies"] = [sys.executable, "-m", "alignment.bench.memory", str(bench_model(bench.size)),
-                                   str(batch), str(new_tokens)]
+                                   str(batch), str(new_tokens), bench.dtype]
     return commands
 
 
-def four_copies(model: str, batch: int, new_tokens: int) -> None:
+def four_copies(model: str, batch: int, new_tokens: int, dtype: str) -> None:
     """One PPO iteration's work with four separate copies of the model: the policy (LoRA) generates; reference,
     reward and critic score; policy and critic (LoRA) train on minibatches of 16."""
     import torch
@@ -148,7 +148,7 @@ def four_copies(model: str, batch: int, new_tokens: int) -> None:
     from alignment.policy import load_tokenizer
 
     def load():
-        return AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
+        return AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype))
 
     def lora(m):
         return get_peft_model(m, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -171,4 +171,4 @@ def four_copies(model: str, batch: int, new_tokens: int) -> None:
 
 
 if __name__ == "__main__":
-    four_copies(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    four_copies(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

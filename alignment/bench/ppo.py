@@ -60,7 +60,8 @@ def timed_forwards(module_name: str):
 
 
 def run(bench: Bench, batch: int, new_tokens: int, engines: list[str]) -> Report:
-    report = Report("ppo", f"One PPO iteration ({bench.size} Llama, bf16, {batch} prompts x {new_tokens} new tokens)",
+    report = Report("ppo", f"One PPO iteration ({bench.size} Llama, {bench.dtype}, {batch} prompts x {new_tokens} "
+                    "new tokens)",
                     {"batch": batch, "new_tokens": new_tokens, "iterations": bench.repeats + 1, "engines": engines,
                      "ppo_epochs": 2, "minibatch_size": 16},
                     ["engine", "iteration_s", "samples_s", "min", "max", "spread", *[f"{p}_s" for p in PARTS],
@@ -69,7 +70,7 @@ def run(bench: Bench, batch: int, new_tokens: int, engines: list[str]) -> Report
     for name in engines:
         stage = online_stage("ppo", bench.repeats + 1, batch_size=batch, max_new_tokens=new_tokens,
                              rollout=ENGINES[name])
-        path = write_config(bench.out, bench.size, f"ppo-{name}", [*PREP_STAGES, stage])
+        path = write_config(bench, f"ppo-{name}", [*PREP_STAGES, stage])
         with timed_forwards("stages.ppo") as forwards:
             run_config(path)
         report.rows.append(_row(name, iteration_records(bench.out, bench.size, "ppo"), forwards, batch))

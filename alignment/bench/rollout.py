@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from alignment.bench.common import MAX_POSITIONS, Bench, Chart, Report, Timer, bench_model, bench_prompts, repeat
 
-ANCHORS = {  # tok/s measured on this machine by the issue's author (76M, bf16, 64 prompts x 128 new tokens, 2 cores)
+ANCHORS = {  # tok/s measured on this machine by the issue's author (76M, "bf16", 64 prompts x 128 new tokens, 2 cores)
     ("model.generate (raw)", "none"): 518.0,
     ("LLM.generate (raw vLLM)", "none"): 1304.0,
     ("LLM.generate (raw vLLM)", "LoRA r16"): 368.0,
@@ -65,12 +65,12 @@ def randomize_adapter(policy, name: str, scale: float = 0.02, seed: int = 0) -> 
                 p.copy_(torch.randn(p.shape, generator=generator).to(p.dtype) * scale)
 
 
-def load_policy(size: str, lora_rank: int | None = LORA_RANK):
-    """The bench model as a SharedPolicy (bf16) with a random `policy` LoRA adapter of ``lora_rank`` (None: none)."""
+def load_policy(bench: Bench, lora_rank: int | None = LORA_RANK):
+    """The bench model as a SharedPolicy with a random `policy` LoRA adapter of ``lora_rank`` (None: none)."""
     from alignment.config import AdapterConfig
     from alignment.policy import SharedPolicy
 
-    policy = SharedPolicy.load(str(bench_model(size)), dtype="bfloat16")
+    policy = SharedPolicy.load(str(bench_model(bench.size)), dtype=bench.dtype)
     if lora_rank:
         policy.add_adapter("policy", AdapterConfig(r=lora_rank, alpha=2 * lora_rank))
         randomize_adapter(policy, "policy")
@@ -80,7 +80,7 @@ def load_policy(size: str, lora_rank: int | None = LORA_RANK):
 def run(bench: Bench, batches: list[int], new_tokens: int, engines: list[str]) -> Report:
     from alignment.rollout import Sampling
 
-    report = Report("rollout", f"Rollout throughput ({bench.size} Llama, bf16, {new_tokens} new tokens)",
+    report = Report("rollout", f"Rollout throughput ({bench.size} Llama, {bench.dtype}, {new_tokens} new tokens)",
                     {"batches": batches, "new_tokens": new_tokens, "lora_rank": LORA_RANK, "engines": engines},
                     ["implementation", "adapter", "batch", "tok_s", "min", "max", "spread", "vs_anchor"],
                     chart=Chart("label", "tok_s", "tokens / s (median, min..max)", "min", "max"))
@@ -101,15 +101,16 @@ def run(bench: Bench, batches: list[int], new_tokens: int, engines: list[str]) -
         _vllm_rows(bench, batches, new_tokens, sampling, measure, modes)
     _goals(report, max(batches))
     if modes:
-        report.notes.append("raw LLM.generate runs on the same vLLM engine our VLLMEngine wraps (same process, same "
-                            "settings); `merged` serves the adapter merged into the weights (no LoRA at generation time)")
+        report.notes.append("raw LLM.generate runs on the same vLLM engine our VLLMEngine wraps (same process, "
+                            "same settings); `merged` serves the adapter merged into the weights (no LoRA at "
+                            "generation time)")
     return report
 
 
 def _hf_rows(bench, batches, new_tokens, sampling, measure) -> None:
     from alignment.rollout.hf import HFEngine
 
-    policy = load_policy(bench.size, lora_rank=None)
+    policy = load_policy(bench, lora_rank=None)
     tok = policy.tokenizer
     raw_hf_generate(policy.base, tok, bench_prompts(4), 4)  # warm-up
     for batch in batches:  # the plain transformers model, before peft wraps it
@@ -130,15 +131,16 @@ def _hf_rows(bench, batches, new_tokens, sampling, measure) -> None:
 def _vllm_rows(bench, batches, new_tokens, sampling, measure, modes: list[str]) -> None:
     from alignment.rollout.vllm import VLLMEngine
 
-    policy = load_policy(bench.size)
+    policy = load_policy(bench)
     for mode in modes:
         engine = VLLMEngine(policy, mode, memory_fraction=0.3, lora_rank=LORA_RANK, max_model_len=MAX_POSITIONS, seed=0)
         try:
             adapter = f"LoRA r{LORA_RANK}" if mode == "lora" else "none"
             engine.generate(bench_prompts(8), sampling)  # warm-up
             for batch in batches:
+                prompts = bench_prompts(batch)
                 measure("LLM.generate (raw vLLM)", adapter, batch,
-                        lambda p=bench_prompts(batch): raw_vllm_generate(engine.llm, p, new_tokens, engine.lora_request))
+                        lambda p=prompts: raw_vllm_generate(engine.llm, p, new_tokens, engine.lora_request))
                 measure(f"VLLMEngine (ours, {mode})", adapter if mode == "lora" else "merged", batch,
                         lambda p=bench_prompts(batch): engine_tokens(engine, p, sampling))
         finally:

@@ -24,19 +24,21 @@ PREP_STAGES = [
 MEASURED = 2  # index of the measured stage
 
 
-def write_config(out: Path, size: str, label: str, stages: list[dict], measured: bool = True, **top: Any) -> Path:
-    """``DIR/configs/<label>.yaml``: the bench model in bf16, LoRA r=16, then ``stages``. With ``measured`` the
-    last stage's folder is removed, so the pipeline runs it again instead of skipping it as unchanged."""
+def write_config(bench, label: str, stages: list[dict], measured: bool = True, **top: Any) -> Path:
+    """``DIR/configs/<label>.yaml``: the bench model in the bench's dtype, LoRA r=16, then ``stages``. With
+    ``measured`` the last stage's folder is removed, so the pipeline runs it again instead of skipping it."""
     from alignment.pipeline import stage_dirname
 
-    config = {"name": f"bench-{size}", "model": str(bench_model(size)), "dtype": "bfloat16",
+    out = bench.out
+    config = {"name": f"bench-{bench.size}", "model": str(bench_model(bench.size)), "dtype": bench.dtype,
               "output_dir": str(Path(out) / "runs"), "logging": {"log_every": 1000}, **top, "stages": stages}
     path = Path(out) / "configs" / f"{label}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     if measured:
         last = len(stages) - 1
-        shutil.rmtree(Path(out) / "runs" / config["name"] / stage_dirname(last, stages[last]["kind"]), ignore_errors=True)
+        folder = Path(out) / "runs" / config["name"] / stage_dirname(last, stages[last]["kind"])
+        shutil.rmtree(folder, ignore_errors=True)
     return path
 
 

@@ -19,12 +19,12 @@ def run(bench: Bench, ranks: list[int], batch: int, new_tokens: int, engines: li
     from alignment.rollout import Sampling
     from alignment.rollout.vllm import VLLMEngine
 
-    report = Report("sync", f"Adapter sync to the first generated token ({bench.size} Llama, bf16)",
+    report = Report("sync", f"Adapter sync to the first generated token ({bench.size} Llama, {bench.dtype})",
                     {"ranks": ranks, "generation_batch": batch, "new_tokens": new_tokens},
                     ["mode", "rank", "to_first_token_s", "min", "max", "spread", "sync_call_s", "tok_s_after"],
                     chart=Chart("label", "to_first_token_s", "seconds to the first token (median, min..max)",
                                 "min", "max"))
-    policy = load_policy(bench.size, lora_rank=min(ranks))
+    policy = load_policy(bench, lora_rank=min(ranks))
     one_token, sampling = Sampling(1, temperature=1.0), Sampling(new_tokens, temperature=1.0)
     prompts = bench_prompts(batch)
     for mode in [e.removeprefix("vllm-") for e in engines]:
