@@ -110,7 +110,7 @@ def run(bench: Bench, batch: int, new_tokens: int, runs: list[str]) -> Report:
         report.notes.append(f"vLLM's share (ppo-vllm minus ppo-hf): {(peaks['ppo-vllm'] - peaks['ppo-hf']) / MIB:,.0f} "
                             "MiB (its copy of the weights, KV cache reservation, runtime)")
     report.notes.append("every run is a fresh process: its PSS includes the Python runtime (`imports`: torch, "
-                        "transformers, TRL and peft imported, nothing else); each PPO run does 2 iterations")
+                        "transformers, TRL and peft imported, nothing else); each PPO run does 1 iteration (rollout, scoring, 2 epochs of minibatch updates, sync)")
     return report
 
 
@@ -128,7 +128,7 @@ def _commands(bench: Bench, batch: int, new_tokens: int, runs: list[str]) -> dic
     if engines:  # the PPO runs' first stages, trained here (not measured) unless an earlier bench did
         run_config(write_config(bench, "memory-prep", PREP_STAGES, measured=False))
     for engine in engines:
-        stage = online_stage("ppo", 2, batch_size=batch, max_new_tokens=new_tokens, rollout={"engine": engine})
+        stage = online_stage("ppo", 1, batch_size=batch, max_new_tokens=new_tokens, rollout={"engine": engine})
         commands[f"ppo-{engine}"] = [*python, str(write_config(bench, f"memory-ppo-{engine}",
                                                                [*PREP_STAGES, stage]))]
     if "four-copies" in runs:
