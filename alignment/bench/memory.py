@@ -110,7 +110,8 @@ def run(bench: Bench, batch: int, new_tokens: int, runs: list[str]) -> Report:
         report.notes.append(f"vLLM's share (ppo-vllm minus ppo-hf): {(peaks['ppo-vllm'] - peaks['ppo-hf']) / MIB:,.0f} "
                             "MiB (its copy of the weights, KV cache reservation, runtime)")
     report.notes.append("every run is a fresh process: its PSS includes the Python runtime (`imports`: torch, "
-                        "transformers, TRL and peft imported, nothing else); each PPO run does 1 iteration (rollout, scoring, 2 epochs of minibatch updates, sync)")
+                        "transformers, TRL and peft imported, nothing else); each PPO run does 1 iteration (rollout, "
+                        "scoring, 2 epochs of minibatch updates, sync)")
     return report
 
 
