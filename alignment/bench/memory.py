@@ -1,7 +1,7 @@
 """`alignment bench memory`: peak PSS (proportional set size, summed over the whole process tree, read from
 /proc/<pid>/smaps_rollup every 0.2 s) of separate processes:
 
-    sft          the SFT stage alone
+    sft          the SFT stage alone, on rows as long as PPO's sequences (prompt + new_tokens words), batch 16
     ppo-hf       the PPO stage (policy + reference + critic + same-base reward adapters), HF engine
     ppo-vllm     the same with the vLLM engine (its weights and KV reservation live in the same process tree)
     four-copies  a baseline: one PPO iteration's work with four separate model copies (policy, reference, critic,
@@ -122,7 +122,8 @@ def _commands(bench: Bench, batch: int, new_tokens: int, runs: list[str]) -> dic
     if "imports" in runs:
         commands["imports"] = [sys.executable, "-c", "import torch, transformers, trl, peft"]
     if "sft" in runs:
-        sft = [{**PREP_STAGES[0], "max_steps": 3, "batch_size": 16}]
+        data = str(sft_rows(bench.out / "memory-sft.jsonl", batch, new_tokens))
+        sft = [{"kind": "sft", "data": data, "max_steps": 3, "batch_size": 16, "eval_fraction": 0.0}]
         commands["sft"] = [*python, str(write_config(bench, "memory-sft", sft,
                                                      name=f"bench-{bench.size}-memory-sft"))]
     engines = [r.removeprefix("ppo-") for r in runs if r.startswith("ppo-")]
@@ -136,6 +137,24 @@ def _commands(bench: Bench, batch: int, new_tokens: int, runs: list[str]) -> dic
         commands["four-copies"] = [sys.executable, "-m", "alignment.bench.memory", str(bench_model(bench.size)),
                                    str(batch), str(new_tokens), bench.dtype]
     return commands
+
+
+def sft_rows(path: Path, n: int, new_tokens: int) -> Path:
+    """SFT rows as long as PPO's sequences (a bench prompt + ``new_tokens`` toy words), so both stages train on
+    minibatches of 16 sequences of the same length: the difference is what the extra PPO roles cost."""
+    import json
+    import random
+
+    from alignment.bench.common import bench_prompts
+    from alignment.data import load_rows
+
+    words = sorted({w for row in load_rows("toy:sft") for w in row["completion"].split()})
+    rng = random.Random(0)
+    rows = [{"prompt": p, "completion": " " + " ".join(rng.choice(words) for _ in range(new_tokens))}
+            for p in bench_prompts(n)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def four_copies(model: str, batch: int, new_tokens: int, dtype: str) -> None:
