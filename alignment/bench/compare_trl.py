@@ -65,7 +65,7 @@ def run(bench: Bench, engines: list[str], shape: Shape) -> Report:
     for row in report.rows:
         row["vs_trl_grpo"] = row["samples_s"] / trl["TRL GRPOTrainer"]
         row["vs_trl_rloo"] = row["samples_s"] / trl["TRL RLOOTrainer"]
-        anchor = ANCHORS.get(row["trainer"]) if bench.size == "76m" else None
+        anchor = ANCHORS.get(row["trainer"]) if bench.size == "76m" and shape == Shape() else None
         row["vs_anchor"] = row["samples_s"] / anchor if anchor else None
     for row in report.rows:
         if row["trainer"] == "ours PPO":
