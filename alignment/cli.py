@@ -66,6 +66,20 @@ def _parser() -> argparse.ArgumentParser:
     pol.add_argument("--gold", action="store_true", help="also run the toy gold evaluator (automatic for `toy` runs)")
     pol.add_argument("--max-new-tokens", type=int, default=24)
     pol.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
+    bench = sub.add_parser("bench", help="benchmarks: JSON, markdown table and PNG chart into --out (docs/benchmarks.md)")
+    bench.add_argument("what", choices=("rollout", "sync", "ppo", "memory", "compare-trl"))
+    bench.add_argument("--out", required=True, help="folder for <what>.json, <what>.md, <what>.png (and run folders)")
+    bench.add_argument("--size", default="76m", help="random Llama built locally: tiny | 76m | 0.5b (default 76m)")
+    bench.add_argument("--repeats", type=int, default=3, help="measured repeats (PPO/TRL: iterations after a warm-up)")
+    bench.add_argument("--threads", type=int, default=0, help="cores for torch and vLLM (default: every free core)")
+    bench.add_argument("--batches", default="8,32,64", help="rollout: batch sizes")
+    bench.add_argument("--batch", type=int, default=64, help="sync/ppo/memory: prompts per generation; compare-trl: completions per step (16 prompts x 4)")
+    bench.add_argument("--new-tokens", type=int, help="max new tokens (rollout/ppo/memory 128, sync/compare-trl 64)")
+    bench.add_argument("--ranks", default="8,16,64", help="sync: LoRA ranks")
+    bench.add_argument("--engines", help="rollout, ppo: hf,vllm-merged,vllm-lora; sync: vllm-lora,vllm-merged; "
+                       "compare-trl: vllm (default),hf")
+    bench.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bf16 on a GPU) | float32 | bfloat16")
+    bench.add_argument("--runs", default="imports,sft,ppo-hf,ppo-vllm,four-copies", help="memory: runs to measure")
     return parser
 
 
@@ -128,6 +142,13 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "generate":
         return _generate(args)
+    if args.command == "bench":
+        from alignment.bench import Options, run_benchmark
+
+        fields = ("size", "repeats", "threads", "batches", "batch", "new_tokens", "ranks", "engines", "runs", "dtype")
+        for path in run_benchmark(args.what, Options(Path(args.out), **{f: getattr(args, f) for f in fields})):
+            print(path)
+        return 0
     from alignment.pipeline import Pipeline
 
     if args.command == "quickstart":
