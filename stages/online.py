@@ -103,6 +103,7 @@ class OnlineRun:
     def generate(self, prompts: list[str]):
         t0 = time.time()
         rollout = self.engine.generate(prompts, self.sampling)
+        self.engine.sleep()  # vLLM on a GPU with `rollout.sleep`: the card is the trainer's until the next sync
         self.iteration += 1  # one rollout per iteration (named in non-finite errors)
         self.timing["generate"] += time.time() - t0
         self.samples += len(prompts)
@@ -283,7 +284,7 @@ def make_engine(ctx: StageContext, policy):
             return HFEngine(policy)
     max_len = min(getattr(policy.base.config, "max_position_embeddings", 4096), 4096)
     return VLLMEngine(policy, sync, ctx.rollout.memory_fraction, getattr(ctx.adapter, "r", 16), max_len, ctx.seed,
-                      ctx.rollout.tensor_parallel_size)
+                      ctx.rollout.tensor_parallel_size, ctx.rollout.sleep)
 
 
 # ------------------------------------------------------------------------------------------ tensor helpers

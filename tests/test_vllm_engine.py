@@ -63,3 +63,18 @@ def test_both_sync_modes_follow_the_policy_and_agree(policies):
     # Both paths serve the trainer's new weights: each within 1e-3 nats/token of the same policy, hence of each
     # other. (Greedy texts are not compared: fp32 merged weights vs LoRA at run time can flip near-ties.)
     assert set(synced) == {"merged", "lora"} and max(synced.values()) < 1e-3
+
+
+def test_sleep_mode_is_for_gpus():
+    """`rollout.sleep` (vLLM sleep level 1 between rollouts) is on by default only with CUDA; asked for on a CPU-only
+    machine it is refused in one line. The sleep/wake cycle itself needs a GPU and is not exercised here."""
+    import torch
+
+    from alignment.errors import UserError
+    from alignment.rollout.vllm import resolve_sleep
+
+    assert resolve_sleep("off") is False
+    assert resolve_sleep("auto") is torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="rollout.sleep: vLLM's sleep mode needs a GPU"):
+            resolve_sleep("on")

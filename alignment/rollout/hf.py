@@ -14,6 +14,9 @@ class HFEngine:
     def __init__(self, policy, adapter: str = "policy", batch_size: int = 64):
         self.policy, self.adapter, self.batch_size = policy, adapter, batch_size
 
+    def sleep(self) -> None:
+        """Nothing to free: the HF engine is the training model."""
+
     @torch.no_grad()
     def generate(self, prompts: list[str], sampling: Sampling) -> Rollout:
         tok = self.policy.tokenizer

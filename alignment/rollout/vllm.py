@@ -38,6 +38,13 @@ def vllm_problem(model_config) -> str | None:
     return None
 
 
+def resolve_sleep(sleep: str) -> bool:
+    """`rollout.sleep`: auto = on where vLLM has a sleep mode (CUDA), off on CPU; `on` without a GPU is refused."""
+    if sleep == "on" and not torch.cuda.is_available():
+        raise UserError("rollout.sleep: vLLM's sleep mode needs a GPU (CUDA); set `sleep: off` or `auto` on this machine")
+    return sleep == "on" or (sleep == "auto" and torch.cuda.is_available())
+
+
 def resolve_sync(sync: str) -> str:
     if sync != "auto":
         return sync
@@ -48,7 +55,7 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, policy, sync: str, memory_fraction: float, lora_rank: int, max_model_len: int, seed: int,
-                 tensor_parallel_size: int = 1):
+                 tensor_parallel_size: int = 1, sleep: str = "off"):
         problem = vllm_problem(policy.base.config)
         if problem:
             raise UserError(f"rollout.engine: vllm cannot run {policy.model_path!r}: {problem}; use `engine: hf`")
@@ -59,6 +66,7 @@ class VLLMEngine:
         from vllm import LLM
 
         self.policy, self.sync_mode = policy, resolve_sync(sync)
+        self.sleeps, self.asleep = resolve_sleep(sleep), False
         self.scratch = Path(tempfile.mkdtemp(prefix="alignment-vllm-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
         dtype = str(policy.base.dtype).replace("torch.", "")
         rank = next((r for r in LORA_RANKS if r >= lora_rank), LORA_RANKS[-1])
@@ -74,6 +82,7 @@ class VLLMEngine:
                 max_lora_rank=rank,
                 enforce_eager=not torch.cuda.is_available(),
                 logprobs_mode="processed_logprobs",
+                enable_sleep_mode=self.sleeps,
             )
         except Exception as e:  # vLLM raises many types at start-up; all mean "cannot start here"
             shutil.rmtree(self.scratch, ignore_errors=True)
@@ -85,8 +94,21 @@ class VLLMEngine:
         self.version = 0
         self.sync(policy)
 
+    def sleep(self) -> None:
+        """Free the card for training until the next rollout or sync (no-op unless `rollout.sleep` is on)."""
+        if self.sleeps and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def _wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
     def generate(self, prompts: list[str], sampling: Sampling) -> Rollout:
         from vllm import SamplingParams
+
+        self._wake()
 
         params = SamplingParams(
             temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens, logprobs=0
@@ -116,6 +138,7 @@ class VLLMEngine:
             self.lora_request = LoRARequest(f"policy-v{self.version}", self.version, str(folder))
         else:
             self._write_merged(policy, folder)
+            self._wake()
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
         old = self.scratch / f"v{self.version - 1}"
         if old.exists() and self.sync_mode == "merged":
