@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import Field
 
 from alignment.stage import StageContext, StageResult
-from stages.online import Minibatches, OnlineConfig, OnlineRun, pack, requires, token_logprobs
+from stages.online import Minibatches, OnlineConfig, OnlineRun, average_gradients, pack, requires, token_logprobs
 
 
 class GroupConfig(OnlineConfig):
@@ -99,6 +99,7 @@ class GRPOStage:
                                if cfg.kl_coef else torch.zeros(()))
                     mean_entropy = masked_mean(entropy, m)
                     (pg_loss + cfg.kl_coef * kl_loss - cfg.entropy_coef * mean_entropy).backward()
+                average_gradients(params)  # data parallel: the mean over the ranks
                 run.check_gradients(iteration, torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

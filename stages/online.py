@@ -58,12 +58,8 @@ class OnlineRun:
     def __init__(self, ctx: StageContext, cfg: OnlineConfig):
         from alignment import distributed
         from alignment.data import load_rows
-        from alignment.errors import UserError
         from alignment.methods import online_policy
 
-        if distributed.world_size() > 1:
-            raise UserError(f"stages.{ctx.index}: online stages ({cfg.kind}) run in one process; launch this run "
-                            "without accelerate (rollouts scale through vLLM, see docs/multi_gpu.md)")
         self.ctx, self.cfg, self.policy = ctx, cfg, ctx.policy
         rows = load_rows(cfg.prompts, cfg.columns, f"stages.{ctx.index}.prompts")
         self.prompts = self._prompt_texts(rows)
@@ -77,6 +73,7 @@ class OnlineRun:
         self.gold: dict = {}
         self.samples = 0
         self.iteration = 0
+        self.seen_prompts: list[int] = []  # indices this process trained on (data-parallel report)
 
     @property
     def policy_parameters(self) -> list:
@@ -94,11 +91,16 @@ class OnlineRun:
     # ------------------------------------------------------------------------------------------- per iteration
 
     def next_prompts(self, n: int) -> list[str]:
-        """The next ``n`` prompts of a seeded shuffle, reshuffled each pass over the data."""
-        while len(self.order) < n:
+        """The next ``n`` prompts of a seeded shuffle, reshuffled each pass over the data. Under ``accelerate launch``
+        every rank draws the same ``n`` x world block and takes its own share (``n`` is per process)."""
+        from alignment import distributed
+
+        world, rank = distributed.world_size(), distributed.rank()
+        while len(self.order) < n * world:
             self.order += self.rng.sample(range(len(self.prompts)), len(self.prompts))
-        batch, self.order = self.order[:n], self.order[n:]
-        return [self.prompts[i] for i in batch]
+        block, self.order = self.order[: n * world], self.order[n * world :]
+        self.seen_prompts.extend(block[rank::world])
+        return [self.prompts[i] for i in block[rank::world]]
 
     def generate(self, prompts: list[str]):
         t0 = time.time()
@@ -149,10 +151,26 @@ class OnlineRun:
 
     # ----------------------------------------------------------------------------------------------- the end
 
+    def _report_data_parallel(self) -> None:
+        """Under ``accelerate launch``: each rank says which prompts it trained on and a checksum of its trainable
+        weights, which must be equal on every rank (the gradients were averaged)."""
+        import hashlib
+        import sys
+
+        from alignment import distributed
+
+        if distributed.world_size() == 1:
+            return
+        digest = hashlib.sha1(str(self.seen_prompts).encode()).hexdigest()[:12]
+        weights = sum(float(p.detach().double().sum()) for p in self.policy_parameters)
+        print(f"rank {distributed.rank()}/{distributed.world_size()}: {self.cfg.kind} on {len(self.seen_prompts)} prompts "
+              f"(digest {digest}, policy checksum {weights:.8f})", file=sys.stderr, flush=True)
+
     def finish(self, metrics: dict, extra_adapters: tuple[str, ...] = ()) -> tuple[dict, dict]:
         """Saves `policy` (and ``extra_adapters``), closes the engine, removes the reference; returns
         (final metrics, artifacts)."""
         wall = time.time() - self.start_time
+        self._report_data_parallel()
         artifacts = {}
         for name in ("policy", *extra_adapters):
             folder = self.ctx.dir / "adapters" / name
@@ -182,8 +200,10 @@ class OnlineRun:
                    extra: dict | None = None) -> None:
         """Every ``checkpoint_every`` iterations (and when Ctrl-C is pending): adapters, extra tensors, optimisers,
         RNG states, prompt order, counters and ``extra`` (alignment/checkpoint.py; safetensors + JSON, no pickle)."""
-        from alignment import checkpoint
+        from alignment import checkpoint, distributed
 
+        if distributed.world_size() > 1:  # data parallel: no mid-stage checkpoints yet (as the reward stage)
+            return
         if not checkpoint.due(self.ctx, iteration, self.cfg.checkpoint_every, self.cfg.iterations):
             return
         state = {
@@ -343,6 +363,21 @@ def sync_diff(rollout, trainer_logprobs, mask) -> tuple[float, float] | None:
     return (diff.sum() / mask.sum().clamp(min=1)).item(), diff.max().item()
 
 
+def average_gradients(params) -> None:
+    """Data parallel (``accelerate launch``): every gradient becomes the mean over the ranks, which is what DDP does;
+    our online loops switch adapters between the policy and critic losses, which a DDP wrapper cannot follow. No-op in
+    one process."""
+    from alignment import distributed
+
+    if distributed.world_size() == 1:
+        return
+    from accelerate.utils import reduce
+
+    for p in params:
+        if p.grad is not None:
+            p.grad.copy_(reduce(p.grad, reduction="mean"))
+
+
 def mean_stats(stats: dict[str, list[float]]) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in stats.items() if v}
 
@@ -373,9 +408,17 @@ class Minibatches:
                     return
 
     def record(self, **values: float) -> None:
+        from alignment import distributed
+
         for k, v in values.items():
             self.stats.setdefault(k, []).append(float(v))
-        if self.target_kl is not None and values.get("approx_kl", 0.0) > self.target_kl:
+        approx_kl = values.get("approx_kl", 0.0)
+        if distributed.world_size() > 1:  # every rank must stop at the same step (their gradients are averaged)
+            import torch
+            from accelerate.utils import reduce
+
+            approx_kl = float(reduce(torch.tensor([float(approx_kl)]), reduction="mean"))
+        if self.target_kl is not None and approx_kl > self.target_kl:
             self.stopped = True
 
     def means(self) -> dict[str, float]:

@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import Field
 
 from alignment.stage import StageContext, StageResult
-from stages.online import Minibatches, OnlineConfig, OnlineRun, pack, requires, token_logprobs
+from stages.online import Minibatches, OnlineConfig, OnlineRun, average_gradients, pack, requires, token_logprobs
 
 
 class PPOConfig(OnlineConfig):
@@ -121,6 +121,7 @@ class PPOStage:
                     values = _values(policy, value_head, sub, grad=True)
                     vf_loss, _ = value_loss(values, old_values[mb], returns[mb], m, cfg.value_clip_range)
                     (cfg.vf_coef * vf_loss).backward()
+                average_gradients(policy_params + value_params)  # data parallel: the mean over the ranks
                 run.check_gradients(iteration, torch.nn.utils.clip_grad_norm_(policy_params, cfg.max_grad_norm))
                 run.check_gradients(iteration, torch.nn.utils.clip_grad_norm_(value_params, cfg.max_grad_norm))
                 policy_opt.step()

@@ -19,8 +19,9 @@ ACCELERATE_CONFIGS = sorted((REPO / "configs" / "accelerate").glob("*.yaml"))
 def test_two_process_sft_reward_dpo_shard_the_data_and_only_rank_0_writes(tmp_path, toy_dir):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     config = tmp_path / "chain.yaml"
-    config.write_text("name: ddp\nstages:\n  - kind: sft\n    max_steps: 6\n  - kind: reward\n    max_steps: 8\n"
-                      "  - kind: dpo\n    max_steps: 3\n    sft_weight: 1.0\n")
+    config.write_text("name: ddp\nrollout: {engine: hf}\nstages:\n  - kind: sft\n    max_steps: 6\n"
+                      "  - kind: reward\n    max_steps: 8\n  - kind: dpo\n    max_steps: 3\n    sft_weight: 1.0\n"
+                      "  - kind: ppo\n    iterations: 2\n    batch_size: 4\n    minibatch_size: 4\n    max_new_tokens: 8\n")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "alignment", "run", str(config), f"output_dir={tmp_path}"]
@@ -37,14 +38,18 @@ def test_two_process_sft_reward_dpo_shard_the_data_and_only_rank_0_writes(tmp_pa
     reward = re.findall(r"rank (\d)/2: trained on (\d+) pairs \(weights checksum ([-\d.]+)\)", proc.stderr)
     assert sorted(r for r, _, _ in reward) == ["0", "1"] and reward[0][1] == reward[1][1] == "128"  # 8 steps x 16
     assert reward[0][2] == reward[1][2]
+    # PPO in data parallel: each rank rolls out its own share of the prompts, the averaged gradients keep the weights equal
+    ppo = re.findall(r"rank (\d)/2: ppo on (\d+) prompts \(digest (\w+), policy checksum ([-\d.]+)\)", proc.stderr)
+    assert sorted(r for r, *_ in ppo) == ["0", "1"] and ppo[0][1] == ppo[1][1] == "8"  # 2 iterations x 4 prompts
+    assert ppo[0][2] != ppo[1][2] and ppo[0][3] == ppo[1][3]
     run = tmp_path / "ddp"
     summary = json.loads((run / "summary.json").read_text())
-    assert [s["status"] for s in summary["stages"]] == ["done", "done", "done"]
+    assert [s["status"] for s in summary["stages"]] == ["done"] * 4
     # rank 1 printed nothing and wrote nothing: one console line per stage, one metrics line per logged step
-    for done in ("stage 0 (sft) done", "stage 1 (reward) done", "stage 2 (dpo) done"):
+    for done in ("stage 0 (sft) done", "stage 1 (reward) done", "stage 2 (dpo) done", "stage 3 (ppo) done"):
         assert proc.stderr.count(done) == 1, done
     assert (run / "1-reward" / "reward_model" / "adapter_model.safetensors").is_file()
-    for stage in ("0-sft", "1-reward", "2-dpo"):
+    for stage in ("0-sft", "1-reward", "2-dpo", "3-ppo"):
         records = [json.loads(x) for x in (run / stage / "metrics.jsonl").read_text().splitlines()]
         assert len({(r["step"], tuple(sorted(r))) for r in records}) == len(records)  # no record written twice
     for entry in summary["stages"]:
