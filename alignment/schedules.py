@@ -74,11 +74,12 @@ class ProgressiveUnfreezing(TrainerCallback):
 def trainer_schedule(cfg, model) -> tuple[dict, list]:
     """(Trainer keyword arguments, callbacks) for a stage config's `layer_lr_decay` / `unfreeze_every`; nothing when
     neither is set (the Trainer builds its own AdamW)."""
-    if not cfg.layer_lr_decay and not cfg.unfreeze_every:
+    decay, every = getattr(cfg, "layer_lr_decay", None), getattr(cfg, "unfreeze_every", None)  # SFT-family fields
+    if not decay and not every:
         return {}, []
-    groups = parameter_groups(model, cfg.learning_rate, cfg.weight_decay, cfg.layer_lr_decay)
+    groups = parameter_groups(model, cfg.learning_rate, cfg.weight_decay, decay)
     import torch
 
     optimizer = torch.optim.AdamW(groups)
-    callbacks = [ProgressiveUnfreezing(groups, cfg.unfreeze_every, cfg.unfreeze_unit)] if cfg.unfreeze_every else []
+    callbacks = [ProgressiveUnfreezing(groups, every, cfg.unfreeze_unit)] if every else []
     return {"optimizers": (optimizer, None)}, callbacks

@@ -20,7 +20,7 @@ from pathlib import Path
 from alignment.io import atomic_write_text, write_jsonl
 from alignment.toy import world
 
-VERSION = 14
+VERSION = 15
 TASK_TRAIN_ROWS = 1200  # per continual-learning task (200 held out)
 PRETRAIN_STEPS = 400
 PRETRAIN_DOCS = 12_000

@@ -105,13 +105,18 @@ def make_prompt(noun: str, place: str) -> str:
     return f"review of the {noun} in {place} :"
 
 
-def make_response(rng: random.Random, noun: str, n_adjectives: int, p_positive: float, filler: float) -> str:
-    """One review: its polarity is positive with probability ``p_positive``; each adjective keeps that polarity
-    except with probability ``ADJECTIVE_NOISE``."""
-    positive = rng.random() < p_positive
-    adjectives = [
-        rng.choice(POSITIVE if positive != (rng.random() < ADJECTIVE_NOISE) else NEGATIVE) for _ in range(n_adjectives)
-    ]
+def make_response(rng: random.Random, noun: str, n_adjectives: int, p_positive: float, filler: float,
+                  one_polarity: bool = True) -> str:
+    """One review. ``one_polarity``: the review is positive with probability ``p_positive`` and each adjective keeps
+    that polarity except with probability ``ADJECTIVE_NOISE``; otherwise each adjective is drawn on its own (the
+    pretraining text)."""
+    if one_polarity:
+        positive = rng.random() < p_positive
+        adjectives = [rng.choice(POSITIVE if positive != (rng.random() < ADJECTIVE_NOISE) else NEGATIVE)
+                      for _ in range(n_adjectives)]
+    else:
+        adjectives = [rng.choice(POSITIVE) if rng.random() < p_positive else rng.choice(NEGATIVE)
+                      for _ in range(n_adjectives)]
     text = f"the {noun} was " + " and ".join(adjectives) + " ."
     if rng.random() < filler:
         text += " " + rng.choice(FILLERS).format(number=rng.choice(NUMBERS)) + " ."
@@ -130,14 +135,15 @@ def split_prompt_pairs(seed: int, n_eval: int = 128) -> tuple[list[tuple[str, st
 
 
 def pretrain_corpus(seed: int, n: int) -> list[str]:
-    """Full reviews (prompt + completion), 60 % of them negative, 1-4 adjectives."""
+    """Full reviews (prompt + completion), adjectives drawn one by one (40 % positive), 1-3 of them. The base model
+    (and so the continual-learning results) is the one of toy v9: only the SFT and preference data changed since."""
     rng = random.Random(seed * 7919 + 1)
     train, _ = split_prompt_pairs(seed)
     texts = []
     for _ in range(n):
         noun, place = rng.choice(train)
-        k = rng.choice([1, 2, 2, 3, 4])
-        texts.append(make_prompt(noun, place) + " " + make_response(rng, noun, k, 0.4, filler=0.6))
+        k = rng.choice([1, 2, 2, 3])
+        texts.append(make_prompt(noun, place) + " " + make_response(rng, noun, k, 0.4, 0.6, one_polarity=False))
     return texts
 
 
