@@ -350,6 +350,15 @@ def token_logprobs(policy, adapter: str, seq, temperature: float, with_entropy: 
     return chosen, entropy
 
 
+def unshuffle(values, order):
+    """``values`` computed on the rows ``order`` of a batch, back in the batch's own order (detached)."""
+    import torch
+
+    out = torch.empty_like(values)
+    out[order] = values.detach()
+    return out
+
+
 def sync_diff(rollout, trainer_logprobs, mask) -> tuple[float, float] | None:
     """Mean and max |engine log-prob - trainer log-prob| over the sampled tokens, if the engine returned any."""
     import torch
@@ -397,6 +406,12 @@ class Minibatches:
         self.n, self.epochs, self.size, self.target_kl = n, epochs, size, target_kl
         self.stats: dict[str, list[float]] = {}
         self.stopped = False
+
+    @property
+    def single(self) -> bool:
+        """One pass over one minibatch holding every sample: its forward runs before any update, so it also gives the
+        sampling policy's log-probs (and the critic's values) and the separate no-grad pass over the batch can go."""
+        return self.epochs == 1 and self.size >= self.n
 
     def __iter__(self):
         import torch

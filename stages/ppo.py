@@ -16,7 +16,16 @@ from typing import Literal
 from pydantic import Field
 
 from alignment.stage import StageContext, StageResult
-from stages.online import Minibatches, OnlineConfig, OnlineRun, average_gradients, pack, requires, token_logprobs
+from stages.online import (
+    Minibatches,
+    OnlineConfig,
+    OnlineRun,
+    average_gradients,
+    pack,
+    requires,
+    token_logprobs,
+    unshuffle,
+)
 
 
 class PPOConfig(OnlineConfig):
@@ -91,34 +100,45 @@ class PPOStage:
             raw_scores, scores, finished = run.score(rollout)
             seq = pack(rollout, policy.tokenizer.pad_token_id, policy.base.device)
             mask = seq["response_mask"]
+            loop = Minibatches(len(rollout.prompts), cfg.ppo_epochs, cfg.minibatch_size, cfg.target_kl)
             with torch.no_grad():
-                old_logprobs, _ = token_logprobs(policy, "policy", seq, cfg.temperature)
                 ref_logprobs, _ = token_logprobs(policy, "reference", seq, cfg.temperature)
-                old_values = _values(policy, value_head, seq)
+                if not loop.single:  # one pass over one minibatch: its own forward gives these (step 5)
+                    old_logprobs, _ = token_logprobs(policy, "policy", seq, cfg.temperature)
+                    old_values = _values(policy, value_head, seq)
 
-            # 3. KL-shaped per-token rewards
-            kl = kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator)
-            rewards = kl_shaped_rewards(scores.to(kl.device), kl, mask, kl_coef)
+            def advantages_returns(old_logprobs, old_values):
+                # 3. KL-shaped per-token rewards
+                kl = kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator)
+                rewards = kl_shaped_rewards(scores.to(kl.device), kl, mask, kl_coef)
+                # 4. advantages and returns (GAE)
+                advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+                return kl, (masked_whiten(advantages, mask) if cfg.whiten_advantages else advantages), returns
 
-            # 4. advantages and returns (GAE)
-            advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-            if cfg.whiten_advantages:
-                advantages = masked_whiten(advantages, mask)
+            if not loop.single:
+                kl, advantages, returns = advantages_returns(old_logprobs, old_values)
 
             # 5. K epochs x minibatches of clipped policy and value losses (early stop on approx_kl)
             t0 = time.time()
-            loop = Minibatches(len(rollout.prompts), cfg.ppo_epochs, cfg.minibatch_size, cfg.target_kl)
             for mb in loop:
                 sub = {k: v[mb] for k, v in seq.items()}
                 m = mask[mb]
                 # backward inside `using`: gradients only reach adapters that still require them
                 with policy.using("policy"):
                     logprobs, entropy = token_logprobs(policy, "policy", sub, cfg.temperature, with_entropy=True)
+                if loop.single:  # before any update: the sampling policy's log-probs and the critic's values, so
+                    # steps 3-4 run here; the policy's graph waits while the critic's forward runs
+                    with policy.using("value"):
+                        values = _values(policy, value_head, sub, grad=True)
+                    old_logprobs, old_values = unshuffle(logprobs, mb), unshuffle(values, mb)
+                    kl, advantages, returns = advantages_returns(old_logprobs, old_values)
+                with policy.using("policy"):
                     pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.clip_range)
                     mean_entropy = masked_mean(entropy, m)
                     (pg_loss - cfg.entropy_coef * mean_entropy).backward()
                 with policy.using("value"):
-                    values = _values(policy, value_head, sub, grad=True)
+                    if not loop.single:
+                        values = _values(policy, value_head, sub, grad=True)
                     vf_loss, _ = value_loss(values, old_values[mb], returns[mb], m, cfg.value_clip_range)
                     (cfg.vf_coef * vf_loss).backward()
                 average_gradients(policy_params + value_params)  # data parallel: the mean over the ranks
