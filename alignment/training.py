@@ -63,6 +63,7 @@ def trl_args(cfg, ctx) -> dict:
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a value below 1 is a fraction of the steps
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
+        gradient_checkpointing=cfg.gradient_checkpointing,
         max_length=cfg.max_length,
         logging_steps=ctx.pipeline.logging.log_every,
         save_strategy="steps",  # checkpoints for resume (alignment/trainer_hooks.py marks them complete)

@@ -98,24 +98,25 @@ class GRPOStage:
 
             # 4. K epochs x minibatches: clipped surrogate + kl_coef * KL(policy || reference), early stop on approx_kl
             t0 = time.time()
-            for mb in loop:
-                sub = {k: v[mb] for k, v in seq.items()}
-                m = mask[mb]
-                with policy.using("policy"):
-                    logprobs, entropy = token_logprobs(policy, "policy", sub, cfg.temperature, with_entropy=True)
-                    if loop.single:  # before any update: these are the log-probs of the policy that sampled
-                        old_logprobs = unshuffle(logprobs, mb)
-                    pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.clip_range)
-                    kl_loss = (masked_mean(kl_estimate(logprobs, ref_logprobs[mb], cfg.kl_estimator), m)
-                               if cfg.kl_coef else torch.zeros(()))
-                    mean_entropy = masked_mean(entropy, m)
-                    (pg_loss + cfg.kl_coef * kl_loss - cfg.entropy_coef * mean_entropy).backward()
-                average_gradients(params)  # data parallel: the mean over the ranks
-                run.check_gradients(iteration, torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                loop.record(pg_loss=pg_loss.item(), kl_loss=kl_loss.item(), clipfrac=pg_stats["clipfrac"],
-                            approx_kl=pg_stats["approx_kl"], entropy=mean_entropy.item())
+            with policy.checkpointing(cfg.gradient_checkpointing):  # recompute activations in backward
+                for mb in loop:
+                    sub = {k: v[mb] for k, v in seq.items()}
+                    m = mask[mb]
+                    with policy.using("policy"):
+                        logprobs, entropy = token_logprobs(policy, "policy", sub, cfg.temperature, with_entropy=True)
+                        if loop.single:  # before any update: these are the log-probs of the policy that sampled
+                            old_logprobs = unshuffle(logprobs, mb)
+                        pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.clip_range)
+                        kl_loss = (masked_mean(kl_estimate(logprobs, ref_logprobs[mb], cfg.kl_estimator), m)
+                                   if cfg.kl_coef else torch.zeros(()))
+                        mean_entropy = masked_mean(entropy, m)
+                        (pg_loss + cfg.kl_coef * kl_loss - cfg.entropy_coef * mean_entropy).backward()
+                    average_gradients(params)  # data parallel: the mean over the ranks
+                    run.check_gradients(iteration, torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    loop.record(pg_loss=pg_loss.item(), kl_loss=kl_loss.item(), clipfrac=pg_stats["clipfrac"],
+                                approx_kl=pg_stats["approx_kl"], entropy=mean_entropy.item())
             run.timing["train"] += time.time() - t0
             run.sync()
 

@@ -34,6 +34,7 @@ class OnlineConfig(StageConfig):
     ppo_epochs: int = Field(2, ge=1)  # optimisation passes over each batch (TRL: num_iterations)
     learning_rate: float = Field(5e-4, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    gradient_checkpointing: bool = True  # recompute activations in backward: less memory, more compute (TRL's default)
     clip_range: float = Field(0.2, gt=0)
     entropy_coef: float = Field(0.0, ge=0.0)
     kl_coef: float = Field(0.05, ge=0.0)
@@ -64,6 +65,7 @@ class OnlineRun:
         rows = load_rows(cfg.prompts, cfg.columns, f"stages.{ctx.index}.prompts")
         self.prompts = self._prompt_texts(rows)
         self.policy = online_policy(ctx)  # `policy` + frozen `reference` (copies for base-weight methods)
+        self.policy.model.eval()  # a trainer earlier in this process leaves training mode on; checkpointing is ours
         self.reward_model, self.normalized = self._reward_model()
         self.engine = None  # started by start_engine(), after the stage has added its own adapters
         self.rng = random.Random(ctx.seed)
@@ -341,7 +343,7 @@ def token_logprobs(policy, adapter: str, seq, temperature: float, with_entropy: 
     import torch
 
     with policy.using(adapter) as model:
-        logits = model(input_ids=seq["input_ids"], attention_mask=seq["attention_mask"]).logits
+        logits = model(input_ids=seq["input_ids"], attention_mask=seq["attention_mask"], use_cache=False).logits
     index = seq["positions"][:, :, None].expand(-1, -1, logits.shape[-1])
     logits = logits.gather(1, index).float() / temperature
     logp = torch.log_softmax(logits, dim=-1)

@@ -120,36 +120,37 @@ class PPOStage:
 
             # 5. K epochs x minibatches of clipped policy and value losses (early stop on approx_kl)
             t0 = time.time()
-            for mb in loop:
-                sub = {k: v[mb] for k, v in seq.items()}
-                m = mask[mb]
-                # backward inside `using`: gradients only reach adapters that still require them
-                with policy.using("policy"):
-                    logprobs, entropy = token_logprobs(policy, "policy", sub, cfg.temperature, with_entropy=True)
-                if loop.single:  # before any update: the sampling policy's log-probs and the critic's values, so
-                    # steps 3-4 run here; the policy's graph waits while the critic's forward runs
+            with policy.checkpointing(cfg.gradient_checkpointing):  # recompute activations in backward
+                for mb in loop:
+                    sub = {k: v[mb] for k, v in seq.items()}
+                    m = mask[mb]
+                    # backward inside `using`: gradients only reach adapters that still require them
+                    with policy.using("policy"):
+                        logprobs, entropy = token_logprobs(policy, "policy", sub, cfg.temperature, with_entropy=True)
+                    if loop.single:  # before any update: the sampling policy's log-probs and the critic's values, so
+                        # steps 3-4 run here; the policy's graph waits while the critic's forward runs
+                        with policy.using("value"):
+                            values = _values(policy, value_head, sub, grad=True)
+                        old_logprobs, old_values = unshuffle(logprobs, mb), unshuffle(values, mb)
+                        kl, advantages, returns = advantages_returns(old_logprobs, old_values)
+                    with policy.using("policy"):
+                        pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.clip_range)
+                        mean_entropy = masked_mean(entropy, m)
+                        (pg_loss - cfg.entropy_coef * mean_entropy).backward()
                     with policy.using("value"):
-                        values = _values(policy, value_head, sub, grad=True)
-                    old_logprobs, old_values = unshuffle(logprobs, mb), unshuffle(values, mb)
-                    kl, advantages, returns = advantages_returns(old_logprobs, old_values)
-                with policy.using("policy"):
-                    pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.clip_range)
-                    mean_entropy = masked_mean(entropy, m)
-                    (pg_loss - cfg.entropy_coef * mean_entropy).backward()
-                with policy.using("value"):
-                    if not loop.single:
-                        values = _values(policy, value_head, sub, grad=True)
-                    vf_loss, _ = value_loss(values, old_values[mb], returns[mb], m, cfg.value_clip_range)
-                    (cfg.vf_coef * vf_loss).backward()
-                average_gradients(policy_params + value_params)  # data parallel: the mean over the ranks
-                run.check_gradients(iteration, torch.nn.utils.clip_grad_norm_(policy_params, cfg.max_grad_norm))
-                run.check_gradients(iteration, torch.nn.utils.clip_grad_norm_(value_params, cfg.max_grad_norm))
-                policy_opt.step()
-                value_opt.step()
-                policy_opt.zero_grad(set_to_none=True)
-                value_opt.zero_grad(set_to_none=True)
-                loop.record(pg_loss=pg_loss.item(), vf_loss=vf_loss.item(), clipfrac=pg_stats["clipfrac"],
-                            approx_kl=pg_stats["approx_kl"], entropy=mean_entropy.item())
+                        if not loop.single:
+                            values = _values(policy, value_head, sub, grad=True)
+                        vf_loss, _ = value_loss(values, old_values[mb], returns[mb], m, cfg.value_clip_range)
+                        (cfg.vf_coef * vf_loss).backward()
+                    average_gradients(policy_params + value_params)  # data parallel: the mean over the ranks
+                    run.check_gradients(iteration, torch.nn.utils.clip_grad_norm_(policy_params, cfg.max_grad_norm))
+                    run.check_gradients(iteration, torch.nn.utils.clip_grad_norm_(value_params, cfg.max_grad_norm))
+                    policy_opt.step()
+                    value_opt.step()
+                    policy_opt.zero_grad(set_to_none=True)
+                    value_opt.zero_grad(set_to_none=True)
+                    loop.record(pg_loss=pg_loss.item(), vf_loss=vf_loss.item(), clipfrac=pg_stats["clipfrac"],
+                                approx_kl=pg_stats["approx_kl"], entropy=mean_entropy.item())
             run.timing["train"] += time.time() - t0
             run.sync()
             kl_per_seq = (kl * mask).sum(1).mean().item()
@@ -191,7 +192,8 @@ def _values(policy, head, seq, grad: bool = False):
     import torch
 
     with torch.set_grad_enabled(grad), policy.using("value"):
-        hidden = policy.backbone()(input_ids=seq["input_ids"], attention_mask=seq["attention_mask"]).last_hidden_state
+        hidden = policy.backbone()(input_ids=seq["input_ids"], attention_mask=seq["attention_mask"],
+                                   use_cache=False).last_hidden_state
     index = seq["positions"][:, :, None].expand(-1, -1, hidden.shape[-1])
     with torch.set_grad_enabled(grad):
         return head(hidden.gather(1, index)).squeeze(-1).float()

@@ -85,7 +85,7 @@ def _add(report: Report, trainer: str, engine: str, walls: list[float], samples:
 def _ours(bench: Bench, kind: str, engine: str, steps: int, shape: Shape) -> list[dict]:
     shared = dict(reward=f"{__name__}:length_reward", reward_normalization="none", max_new_tokens=shape.new_tokens,
                   minibatch_size=shape.samples, ppo_epochs=1, learning_rate=LR, kl_coef=KL, target_kl=None,
-                  rollout={"engine": engine})
+                  gradient_checkpointing=False, rollout={"engine": engine})
     if kind == "ppo":
         stage = online_stage(kind, steps, batch_size=shape.samples, **shared)
     else:
