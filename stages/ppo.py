@@ -103,11 +103,11 @@ class PPOStage:
             loop = Minibatches(len(rollout.prompts), cfg.ppo_epochs, cfg.minibatch_size, cfg.target_kl)
             with torch.no_grad():
                 ref_logprobs, _ = token_logprobs(policy, "reference", seq, cfg.temperature)
-                if not loop.single:  # one pass over one minibatch: its own forward gives these (step 5)
+                old_values = _values(policy, value_head, seq)
+                if not loop.single:  # one pass over one minibatch: the training forward gives these (step 5)
                     old_logprobs, _ = token_logprobs(policy, "policy", seq, cfg.temperature)
-                    old_values = _values(policy, value_head, seq)
 
-            def advantages_returns(old_logprobs, old_values):
+            def advantages_returns(old_logprobs):
                 # 3. KL-shaped per-token rewards
                 kl = kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator)
                 rewards = kl_shaped_rewards(scores.to(kl.device), kl, mask, kl_coef)
@@ -116,7 +116,7 @@ class PPOStage:
                 return kl, (masked_whiten(advantages, mask) if cfg.whiten_advantages else advantages), returns
 
             if not loop.single:
-                kl, advantages, returns = advantages_returns(old_logprobs, old_values)
+                kl, advantages, returns = advantages_returns(old_logprobs)
 
             # 5. K epochs x minibatches of clipped policy and value losses (early stop on approx_kl)
             t0 = time.time()
@@ -127,19 +127,14 @@ class PPOStage:
                     # backward inside `using`: gradients only reach adapters that still require them
                     with policy.using("policy"):
                         logprobs, entropy = token_logprobs(policy, "policy", sub, cfg.temperature, with_entropy=True)
-                    if loop.single:  # before any update: the sampling policy's log-probs and the critic's values, so
-                        # steps 3-4 run here; the policy's graph waits while the critic's forward runs
-                        with policy.using("value"):
-                            values = _values(policy, value_head, sub, grad=True)
-                        old_logprobs, old_values = unshuffle(logprobs, mb), unshuffle(values, mb)
-                        kl, advantages, returns = advantages_returns(old_logprobs, old_values)
-                    with policy.using("policy"):
+                        if loop.single:  # before any update: the sampling policy's log-probs, so steps 3-4 run here
+                            old_logprobs = unshuffle(logprobs, mb)
+                            kl, advantages, returns = advantages_returns(old_logprobs)
                         pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.clip_range)
                         mean_entropy = masked_mean(entropy, m)
                         (pg_loss - cfg.entropy_coef * mean_entropy).backward()
                     with policy.using("value"):
-                        if not loop.single:
-                            values = _values(policy, value_head, sub, grad=True)
+                        values = _values(policy, value_head, sub, grad=True)
                         vf_loss, _ = value_loss(values, old_values[mb], returns[mb], m, cfg.value_clip_range)
                         (cfg.vf_coef * vf_loss).backward()
                     average_gradients(policy_params + value_params)  # data parallel: the mean over the ranks

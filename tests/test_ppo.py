@@ -118,7 +118,7 @@ def test_ppo_with_the_toy_gold_reward_on_the_hf_engine(tmp_path):
 @pytest.mark.parametrize("kind", ["ppo", "grpo"])
 def test_one_pass_over_one_minibatch_takes_old_logprobs_from_the_training_forward(tmp_path, monkeypatch, kind):
     """ppo_epochs 1 x one minibatch holding the batch: the training forward runs before any update, so the loop takes
-    the sampling policy's log-probs (and PPO's values) from it instead of a separate no-grad pass. Same numbers either
+    the sampling policy's log-probs from it instead of a separate no-grad pass. Same numbers either
     way: the separate passes are forced back by patching `Minibatches.single` and the two runs are compared."""
     import shutil
 
