@@ -34,3 +34,15 @@ def barrier() -> None:
         from accelerate import PartialState
 
         PartialState().wait_for_everyone()
+
+
+def gather_objects(value) -> list:
+    """``value`` from every rank, in rank order (all ranks must call it at the same point); ``[value]`` in one
+    process. Travels through the process group in memory (torch's object collective), never through a file."""
+    if world_size() == 1:
+        return [value]
+    import torch.distributed as dist
+
+    out = [None] * world_size()
+    dist.all_gather_object(out, value)
+    return out
