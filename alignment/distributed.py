@@ -22,11 +22,16 @@ def is_main() -> bool:
 
 
 def start() -> None:
-    """Join the process group (accelerate picks gloo on CPU, NCCL on GPUs) when launched with several processes."""
+    """Join the process group (gloo on CPU, NCCL on GPUs) when launched with several processes.
+
+    Without ``cpu=True`` a CPU-only ``accelerate launch`` state says ``DistributedType.NO`` (one process), and
+    accelerate's ``reduce`` and ``wait_for_everyone`` do nothing, until a TRL trainer happens to reset the state: a
+    run whose TRL stages were all skipped (a resume) would train its online stages without averaging gradients."""
     if world_size() > 1:
+        import torch
         from accelerate import PartialState
 
-        PartialState()
+        PartialState(cpu=not torch.cuda.is_available())
 
 
 def barrier() -> None:
