@@ -289,3 +289,20 @@ def test_adapter_fusion_killed_mid_stage_resumes_to_the_same_fusion(tmp_path, to
     weights = "2-adapter_fusion/fusion/fusion.safetensors"
     assert (run / weights).read_bytes() == (ref / weights).read_bytes()
     assert not (run / "2-adapter_fusion" / "checkpoints").exists()  # removed once the stage is DONE
+
+
+def test_a_checkpoint_of_another_number_of_processes_is_refused(tmp_path):
+    """Data shards and per-rank states belong to the process count that wrote them: resuming a 2-process checkpoint
+    in one process is one clear error, not a silently different run."""
+    import random
+    from types import SimpleNamespace
+
+    from alignment.errors import UserError
+
+    folder = tmp_path / "1-reward" / "checkpoints" / "iter-00002"
+    state = {"python_rng": checkpoint.python_rng_state(random.Random(0)), "world_size": 2}
+    checkpoint.save_online_checkpoint(folder, 2, {}, {}, {**state, "ranks": [state, state]})
+    ctx = SimpleNamespace(resume=folder, label="stages.1 (reward)", dir=tmp_path / "1-reward")  # no adapters to load
+    with pytest.raises(UserError, match=r"stages.1 \(reward\): .*iter-00002 was written by 2 process\(es\), this run "
+                                         r"has 1; rerun with the same number of processes"):
+        checkpoint.read_stage_checkpoint(ctx, (), {}, {})
