@@ -57,6 +57,11 @@ def without_timing(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not k.startswith(TIMING)}
 
 
+def logged(stage_dir: Path) -> list[dict]:
+    """A stage's metrics.jsonl lines without their timings."""
+    return [without_timing(json.loads(x)) for x in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_kill_at_six_points_across_four_stages_then_resume_matches_uninterrupted(tmp_path, toy_dir):
     config = pipeline(tmp_path, toy_dir)
     from alignment.pipeline import Pipeline
@@ -228,7 +233,7 @@ def test_vllm_ppo_killed_and_resumed_samples_the_same_rollouts(tmp_path, toy_dir
     pytest.importorskip("vllm")
     raw = {
         "name": "vllm", "model": str(toy_dir / "model"), "output_dir": str(tmp_path / "runs"),
-        "rollout": {"engine": "vllm", "memory_fraction": 0.3},
+        "rollout": {"engine": "vllm", "memory_fraction": 0.1},  # a small KV cache: the toy needs little
         "stages": [
             {"kind": "sft", "max_steps": 2, "batch_size": 8, "max_samples": 32},
             {"kind": "ppo", "reward": "toy_gold", "reward_normalization": "running", "iterations": 3,
@@ -248,8 +253,7 @@ def test_vllm_ppo_killed_and_resumed_samples_the_same_rollouts(tmp_path, toy_dir
     got, want = (json.loads((r / "summary.json").read_text()) for r in (run, ref))
     assert [s["status"] for s in got["stages"]] == ["skipped", "done"]
     assert without_timing(got["stages"][1]["metrics"]) == without_timing(want["stages"][1]["metrics"])
-    lines, ref_lines = ([without_timing(json.loads(x)) for x in (r / "1-ppo" / "metrics.jsonl").read_text().splitlines()]
-                        for r in (run, ref))
+    lines, ref_lines = logged(run / "1-ppo"), logged(ref / "1-ppo")
     assert [x["step"] for x in lines] == [1, 2, 3] and lines == ref_lines
 
 
@@ -283,8 +287,7 @@ def test_adapter_fusion_killed_mid_stage_resumes_to_the_same_fusion(tmp_path, to
     g, w = got["stages"][2], want["stages"][2]
     assert without_timing(g["metrics"]) == without_timing(w["metrics"])
     assert g["fusion_weights"] == w["fusion_weights"] and g["task_accuracy"] == w["task_accuracy"]
-    lines, ref_lines = ([without_timing(json.loads(x)) for x in (r / "2-adapter_fusion" / "metrics.jsonl").read_text()
-                         .splitlines()] for r in (run, ref))
+    lines, ref_lines = logged(run / "2-adapter_fusion"), logged(ref / "2-adapter_fusion")
     assert [x["step"] for x in lines] == [1, 2, 3, 4, 5] and lines == ref_lines
     weights = "2-adapter_fusion/fusion/fusion.safetensors"
     assert (run / weights).read_bytes() == (ref / weights).read_bytes()

@@ -96,7 +96,8 @@ def test_seeded_requests_sample_the_same_whatever_came_before(policies):
         unseeded = [engine.generate(PROMPTS, SAMPLE).response_ids for _ in range(2)]  # other draws in between
         assert engine.generate(PROMPTS, SAMPLE, seeds).response_ids == first
         assert unseeded[0] != unseeded[1]  # without seeds the samples follow the RNG's history
-        assert engine.generate(PROMPTS, SAMPLE, [request_seed(0, 3, i) for i in range(len(PROMPTS))]).response_ids != first
+        other_iteration = [request_seed(0, 3, i) for i in range(len(PROMPTS))]
+        assert engine.generate(PROMPTS, SAMPLE, other_iteration).response_ids != first
         assert len(set(map(tuple, first))) > 3  # the same prompt three times: three seeds, different samples
     finally:
         engine.close()
