@@ -105,8 +105,15 @@ class OnlineRun:
         return [self.prompts[i] for i in block[rank::world]]
 
     def generate(self, prompts: list[str]):
+        """One rollout per iteration. Each request gets its own sampling seed from (run seed, iteration, its place in
+        the global batch): vLLM's sampler state is not in a checkpoint, and this makes it unnecessary."""
+        from alignment import distributed
+        from alignment.rollout import request_seed
+
         t0 = time.time()
-        rollout = self.engine.generate(prompts, self.sampling)
+        first = distributed.rank() * len(prompts)
+        seeds = [request_seed(self.ctx.seed, self.iteration + 1, first + i) for i in range(len(prompts))]
+        rollout = self.engine.generate(prompts, self.sampling, seeds)
         self.engine.sleep()  # vLLM on a GPU with `rollout.sleep`: the card is the trainer's until the next sync
         self.iteration += 1  # one rollout per iteration (named in non-finite errors)
         self.timing["generate"] += time.time() - t0
@@ -201,11 +208,10 @@ class OnlineRun:
     def checkpoint(self, iteration: int, adapters: tuple[str, ...], tensors: dict, optimizers: dict,
                    extra: dict | None = None) -> None:
         """Every ``checkpoint_every`` iterations (and when Ctrl-C is pending): adapters, extra tensors, optimisers,
-        RNG states, prompt order, counters and ``extra`` (alignment/checkpoint.py; safetensors + JSON, no pickle)."""
-        from alignment import checkpoint, distributed
+        RNG states, prompt order, counters and ``extra`` (alignment/checkpoint.py; safetensors + JSON, no pickle).
+        Data parallel: rank 0 writes, with each rank's own state (running normaliser, RNGs, counters)."""
+        from alignment import checkpoint
 
-        if distributed.world_size() > 1:  # data parallel: no mid-stage checkpoints yet (as the reward stage)
-            return
         if not checkpoint.due(self.ctx, iteration, self.cfg.checkpoint_every, self.cfg.iterations):
             return
         state = {
@@ -216,6 +222,7 @@ class OnlineRun:
             "sync_diffs": self.sync_diffs,
             "gold": self.gold,
             "normalizer": [self.normalized.mean, self.normalized.var, self.normalized.count],
+            "seen_prompts": self.seen_prompts,
             "extra": extra or {},
         }
         checkpoint.write_stage_checkpoint(self.ctx, iteration, adapters, tensors, optimizers, state)
@@ -233,6 +240,7 @@ class OnlineRun:
         self.timing.update(state["timing"])
         self.sync_diffs = [tuple(d) for d in state["sync_diffs"]]
         self.normalized.mean, self.normalized.var, self.normalized.count = state["normalizer"]
+        self.seen_prompts = state.get("seen_prompts", [])
         self.iteration = checkpoint.checkpoint_step(self.ctx.resume)
         return self.iteration + 1, state["extra"]
 
@@ -269,7 +277,7 @@ class OnlineRun:
         elif cfg.reward == "toy_gold":
             model = ToyGoldReward()
         else:
-            model = RuleReward(cfg.reward)
+            model = RuleReward(cfg.reward, f"stages.{self.ctx.index}.reward")
         stats = getattr(model, "stats", None) or {}
         if cfg.reward_normalization == "none":
             return model, Normalized(model, mean=0.0, std=1.0, clip=cfg.reward_clip)

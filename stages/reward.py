@@ -128,7 +128,7 @@ class RewardStage:
                     ctx.logger.log(step, {"loss": loss.item(), "accuracy": accuracy, "grad_norm": float(grad_norm),
                                           "margin": (chosen - rejected).mean().item(),
                                           "learning_rate": scheduler.get_last_lr()[0]})
-                if world == 1 and checkpoint.due(ctx, step, cfg.checkpoint_every, total):
+                if checkpoint.due(ctx, step, cfg.checkpoint_every, total):  # multi-process: rank 0 writes, all wait
                     state = {"step": step, "order": order, "recent": recent, "seen": seen,
                              "scheduler": scheduler.state_dict(), "rng": checkpoint.python_rng_state(rng)}
                     checkpoint.write_stage_checkpoint(ctx, step, (cfg.adapter_name,), head_tensors,
