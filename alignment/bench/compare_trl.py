@@ -20,7 +20,7 @@ import tempfile
 import time
 
 from alignment.bench.common import Bench, Chart, Report, bench_model, bench_prompts, summarize
-from alignment.bench.runs import PREP_STAGES, iteration_records, online_stage, run_config, write_config
+from alignment.bench.runs import PREP_STAGES, iteration_records, online_stage, run_config_process, write_config
 
 GROUP, LORA_RANK, KL, LR = 4, 16, 0.05, 5e-4
 ANCHORS = {"TRL GRPOTrainer": 3.1, "TRL RLOOTrainer": 2.5}  # samples/s measured by the author (76M)
@@ -92,7 +92,7 @@ def _ours(bench: Bench, kind: str, engine: str, steps: int, shape: Shape) -> lis
         stage = online_stage(kind, steps, batch_size=shape.samples, **shared)
     else:
         stage = online_stage(kind, steps, batch_size=shape.prompts, group_size=GROUP, **shared)
-    run_config(write_config(bench, f"compare-{kind}-{engine}", [*PREP_STAGES, stage]))
+    run_config_process(write_config(bench, f"compare-{kind}-{engine}", [*PREP_STAGES, stage]))
     return iteration_records(bench.out, bench.size, kind)
 
 

@@ -48,6 +48,25 @@ def run_config(path: Path) -> dict:
     return Pipeline.from_yaml(path).run()
 
 
+def run_config_process(path: Path) -> None:
+    """``alignment run path`` in a fresh process: what one measured stage leaves in the heap (freed memory the
+    allocator keeps) cannot shrink the memory vLLM finds free when the next one starts its engine."""
+    import os
+    import subprocess
+    import sys
+
+    from alignment.errors import UserError
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[2]),
+                                                                         os.environ.get("PYTHONPATH")]))}
+    log = path.with_suffix(".log")
+    with log.open("w") as out:
+        code = subprocess.run([sys.executable, "-m", "alignment", "run", str(path)], stdout=out,
+                              stderr=subprocess.STDOUT, env=env).returncode
+    if code != 0:
+        raise UserError(f"bench: `alignment run {path}` failed (exit {code}); see {log}")
+
+
 def online_stage(kind: str, iterations: int, **fields: Any) -> dict:
     """An online stage that neither checkpoints nor evaluates while it is measured."""
     return {"kind": kind, "iterations": iterations, "checkpoint_every": 10_000, "sync_check_every": 10_000, **fields}
