@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 ALL_STAGES = ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo", "rloo", "ewc", "multitask", "adapter_fusion")
 LORA_TYPED_STAGES = ("sft", "dpo", "kto", "orpo", "ppo", "grpo", "rloo")  # share a PeftModel with LoRA reward/value
 OTHER_PEFT_STAGES = ("sft", "dpo")  # peft forbids mixing adapter types (no LoRA reward/value adapters beside them)
-BASE_WEIGHT_STAGES = ("sft", "ppo")
+BASE_WEIGHT_STAGES = ("sft", "dpo", "kto", "orpo", "ppo", "grpo", "rloo")  # a trained model of its own
+MODULE_STAGES = ("sft", "dpo", "kto", "orpo")  # our bottleneck modules: offline stages load them onto a fresh base
 
 
 class MethodOptions(BaseModel):
@@ -594,7 +595,7 @@ BOTTLENECK_FILE = "bottleneck.safetensors"
 class BottleneckMethod(Method):
     family = "modules"
     rollout = "hf"
-    stages = ("sft",)
+    stages = MODULE_STAGES
     changes_base = True
     note = "our own modules: neither peft nor vLLM know them"
 
@@ -637,6 +638,7 @@ class BottleneckMethod(Method):
 
 class MamMethod(BottleneckMethod):
     family = "modules"
+    stages = ("sft",)
     note = "prefix tuning (peft) + our parallel bottleneck: HF engine only"
 
     def insert(self, policy):
@@ -816,7 +818,7 @@ def online_policy(ctx):
     from alignment.metrics import console
 
     console.print(f"adapter.method {method.name}: the policy trains base weights; reference and reward/value "
-                  f"adapters use frozen copies ({memory_note(policy.base)})")
+                  f"adapters use frozen copies ({memory_note(policy.base, where=' in online stages')})")
     return FrozenBasePolicy(policy, method, ctx.artifact("policy"))
 
 
@@ -842,9 +844,9 @@ def parameter_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not adapter.search(n))
 
 
-def memory_note(model) -> str:
+def memory_note(model, copies: int = 2, where: str = "") -> str:
     mb = parameter_bytes(model) / 2**20
-    return f"+2 copies of the base weights in online stages: +{2 * mb:.1f} MiB"
+    return f"+{copies} cop{'y' if copies == 1 else 'ies'} of the base weights{where}: +{copies * mb:.1f} MiB"
 
 
 # ------------------------------------------------------------------------------------------------ catalogue

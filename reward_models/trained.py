@@ -106,6 +106,8 @@ class TrainedRewardModel:
             target_modules=config["target_modules"],
             task_type="CAUSAL_LM",
             inference_mode=True,
+            use_rslora=bool(config.get("use_rslora", False)),  # the reward stage trains any LoRA-typed method
+            use_dora=bool(config.get("use_dora", False)),
         )
         policy.attach(adapter_name, lora, state, trainable=False)
         head = torch.nn.Linear(head_weight.shape[1], 1, bias=False, dtype=head_weight.dtype)

@@ -60,8 +60,9 @@ class GRPOStage:
 
         from alignment.algorithms.ppo import kl_estimate, masked_mean, policy_loss
 
-        cfg, policy = self.config, ctx.policy
+        cfg = self.config
         run = OnlineRun(ctx, cfg)  # trainable `policy`, frozen SFT `reference`, reward model
+        policy = run.policy  # ctx.policy, or frozen copies around it for a method that trains base weights
         run.start_engine()
         params = run.policy_parameters
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)

@@ -14,7 +14,7 @@ from pydantic import Field
 
 from alignment.config import DataSource, TrainingConfig
 from alignment.stage import StageContext, StageResult
-from stages.dpo import continue_policy_as_default, preference_data, reference_drift, save_policy, trl_reward_metrics
+from stages.dpo import OfflinePolicy, preference_data, trl_reward_metrics
 
 
 class KTOConfig(TrainingConfig):
@@ -53,18 +53,19 @@ class KTOStage:
 
         cfg, policy = self.config, ctx.policy
         rows, eval_rows = self._examples(ctx)
-        sft_adapter = continue_policy_as_default(ctx)
-        sft_scores = ctx.gold_scores()
+        trained = OfflinePolicy(ctx, "KTO")
+        sft_scores = ctx.gold_scores(trained.model)
         args = TRLKTOConfig(
             **trl_args(cfg, ctx),
+            **trained.method.trainer_args(),
             beta=cfg.beta,
             desirable_weight=cfg.desirable_weight,
             undesirable_weight=cfg.undesirable_weight,
             eval_strategy="no",
         )
         trainer = _trainer_class(KTOTrainer, cfg.sft_weight)(
-            model=policy.model,
-            ref_model=None,  # TRL copies `default` (our SFT policy) into the frozen `ref` adapter
+            model=trained.model,
+            ref_model=trained.ref_model,  # None: TRL copies `default` (our SFT policy) into the frozen `ref` adapter
             args=args,
             train_dataset=Dataset.from_list(rows),
             eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
@@ -75,15 +76,15 @@ class KTOStage:
         from alignment.trainer_hooks import train
 
         train_loss = train(trainer, ctx)  # checkpoints, resume, NaN guard
-        policy.model.eval()
+        trained.model.eval()
 
         desirable = sum(r["label"] for r in rows)
         metrics = {"train_loss": round(train_loss, 4), "train_desirable": desirable,
                    "train_undesirable": len(rows) - desirable}
         metrics.update(trl_reward_metrics(trainer, bool(eval_rows)))
-        metrics["reference_max_abs_diff"] = reference_drift(policy, sft_adapter)
-        target = save_policy(ctx)
-        metrics.update(ctx.gold_metrics(baseline=sft_scores))
+        metrics["reference_max_abs_diff"] = trained.reference_drift()
+        metrics.update(ctx.gold_metrics(baseline=sft_scores, model=trained.model))
+        target = trained.save()
         return StageResult(metrics=metrics, artifacts={"policy": ctx.relative(target)})
 
     def _examples(self, ctx: StageContext) -> tuple[list[dict], list[dict]]:

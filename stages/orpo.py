@@ -13,7 +13,7 @@ from pydantic import Field
 
 from alignment.config import DataSource, TrainingConfig
 from alignment.stage import StageContext, StageResult
-from stages.dpo import preference_data, trl_reward_metrics
+from stages.dpo import OfflinePolicy, preference_data, trl_reward_metrics
 
 
 class ORPOConfig(TrainingConfig):
@@ -51,11 +51,11 @@ class ORPOStage:
 
         cfg, policy = self.config, ctx.policy
         rows, eval_rows, dropped = preference_data(cfg, ctx)
-        policy.load_adapter("policy", ctx.artifact("policy"), trainable=True)
-        sft_scores = ctx.gold_scores()
-        args = TRLORPOConfig(**trl_args(cfg, ctx), beta=cfg.beta, eval_strategy="no")
+        trained = OfflinePolicy(ctx, "ORPO", reference=False)
+        sft_scores = ctx.gold_scores(trained.model)
+        args = TRLORPOConfig(**trl_args(cfg, ctx), **trained.method.trainer_args(), beta=cfg.beta, eval_strategy="no")
         trainer = ORPOTrainer(
-            model=policy.model,
+            model=trained.model,
             args=args,
             train_dataset=Dataset.from_list(rows),
             eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
@@ -66,11 +66,10 @@ class ORPOStage:
         from alignment.trainer_hooks import train
 
         train_loss = train(trainer, ctx)  # checkpoints, resume, NaN guard
-        policy.model.eval()
+        trained.model.eval()
 
         metrics = {"train_loss": round(train_loss, 4), "train_pairs": len(rows), "dropped_pairs": dropped}
         metrics.update(trl_reward_metrics(trainer, bool(eval_rows)))
-        target = ctx.dir / "adapters" / "policy"
-        policy.save_adapter("policy", target)
-        metrics.update(ctx.gold_metrics(baseline=sft_scores))
+        metrics.update(ctx.gold_metrics(baseline=sft_scores, model=trained.model))
+        target = trained.save()
         return StageResult(metrics=metrics, artifacts={"policy": ctx.relative(target)})

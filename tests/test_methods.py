@@ -256,3 +256,78 @@ def test_ppo_with_a_base_weight_method_takes_the_path_the_matrix_names(adapter, 
     assert {n for n, t in sft_weights.items() if not torch.equal(ppo_weights[n], t)} == selected - {"lm_head.weight"}
     state = pipeline.policy().base.state_dict()
     assert all(torch.equal(state[n], t) for n, t in toy_weights(toy_dir).items())
+
+
+# ------------------------------------------------------------------------ methods beyond SFT: offline, group, reward
+
+def changed_names(before: dict, after: dict) -> set[str]:
+    return {n for n, t in before.items() if not torch.equal(after[n], t)}
+
+
+def artifact_weights(run_dir, stage: dict, file: str = "model.safetensors") -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / stage["artifacts"]["policy"] / file))
+
+
+def assert_shared_base_is_the_toys(pipeline, toy_dir):
+    state = pipeline.policy().base.state_dict()
+    assert all(torch.equal(state[n], t) for n, t in toy_weights(toy_dir).items())
+    assert not any("_adapter." in n for n in state)
+
+
+OFFLINE = {"max_steps": 2, "batch_size": 4, "max_samples": 32, "eval_fraction": 0.0, "lr_scheduler": "constant",
+           "warmup_ratio": 0.0, "learning_rate": 1.0e-3}
+
+
+@pytest.mark.parametrize(("kind", "adapter"), [
+    ("dpo", {"method": "freeze", "train_top": 1}),
+    ("dpo", {"method": "full"}),
+    ("kto", {"method": "head"}),
+    ("orpo", {"method": "modules", "train": ["mlp"]}),
+])
+def test_offline_preference_stage_with_a_base_weight_method(kind, adapter, toy_dir, runs):
+    """SFT -> DPO/KTO/ORPO with a method that trains base weights: exactly the selected weights moved from the SFT
+    policy's (the tied lm_head is not saved), the reference is the SFT policy bit for bit, the shared base stays
+    the toy's."""
+    pipeline, summary, run_dir = run_pipeline(runs, adapter, SFT_STAGE, {"kind": kind, **OFFLINE})
+    sft, stage = summary["stages"]
+    assert stage["status"] == "done" and stage["artifacts"]["policy"].endswith("model")
+    method = method_for(OPTION_CLASSES[adapter["method"]](**adapter))
+    selected = set(method.selected(pipeline.policy().base)) - {"lm_head.weight"}
+    assert changed_names(artifact_weights(run_dir, sft), artifact_weights(run_dir, stage)) == selected
+    if kind != "orpo":
+        assert stage["metrics"]["reference_max_abs_diff"] == 0.0
+    assert "gold_reward" in stage["metrics"]
+    assert_shared_base_is_the_toys(pipeline, toy_dir)
+
+
+def test_dpo_with_bottleneck_modules(toy_dir, runs):
+    """SFT -> DPO with bottleneck adapters: every bottleneck tensor moved from its SFT value, the reference (a
+    separate copy with the SFT modules) is the SFT policy bit for bit, the shared base stays the toy's."""
+    adapter = {"method": "bottleneck", "size": 8}
+    pipeline, summary, run_dir = run_pipeline(runs, adapter, SFT_STAGE, {"kind": "dpo", **OFFLINE})
+    sft, stage = summary["stages"]
+    before = artifact_weights(run_dir, sft, "bottleneck.safetensors")
+    after = artifact_weights(run_dir, stage, "bottleneck.safetensors")
+    assert set(before) == set(after) and changed_names(before, after) == set(before)
+    assert stage["metrics"]["reference_max_abs_diff"] == 0.0
+    assert_shared_base_is_the_toys(pipeline, toy_dir)
+
+
+GROUP = {"reward": "toy_gold", "iterations": 2, "batch_size": 2, "group_size": 2, "minibatch_size": 4,
+         "ppo_epochs": 1, "max_new_tokens": 8, "learning_rate": 1.0e-4, "gold_eval_every": 100,
+         "checkpoint_every": 100}
+
+
+@pytest.mark.parametrize("kind", ["grpo", "rloo"])
+def test_group_stage_with_a_base_weight_method(kind, toy_dir, runs):
+    """SFT -> GRPO/RLOO with layer freezing: the policy trains on its own copy (the top layer and final norm moved,
+    nothing else), the reference is a frozen copy (KL 0 before the first update), the shared base stays the toy's."""
+    adapter = {"method": "freeze", "train_top": 1}
+    pipeline, summary, run_dir = run_pipeline(runs, adapter, SFT_STAGE, {"kind": kind, **GROUP})
+    sft, stage = summary["stages"]
+    method = method_for(OPTION_CLASSES["freeze"](**adapter))
+    assert changed_names(artifact_weights(run_dir, sft), artifact_weights(run_dir, stage)) == \
+        set(method.selected(pipeline.policy().base))
+    first = json.loads((run_dir / f"1-{kind}" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert_shared_base_is_the_toys(pipeline, toy_dir)
