@@ -13,13 +13,13 @@ from typing import Literal
 
 from pydantic import Field
 
-from alignment.config import DataSource, TrainingConfig
+from alignment.config import DataSource, ScheduleFields
 from alignment.stage import StageContext, StageResult
 
 TRL_TRAINED, TRL_REFERENCE = "default", "ref"  # adapter names hard-coded in TRL's dpo_trainer.py
 
 
-class DPOConfig(TrainingConfig):
+class DPOConfig(ScheduleFields):  # + layer_lr_decay, unfreeze_every, unfreeze_unit (schedules.py)
     kind: Literal["dpo"] = "dpo"
     data: DataSource | None = None  # default: the reward stage's preference data if there is one, else toy:preference
     beta: float = Field(0.1, gt=0)
@@ -50,6 +50,7 @@ class DPOStage:
         from trl import DPOConfig as TRLDPOConfig
         from trl import DPOTrainer
 
+        from alignment.schedules import trainer_schedule
         from alignment.training import trainer_callbacks, trl_args, use_console_progress
 
         cfg, policy = self.config, ctx.policy
@@ -66,6 +67,7 @@ class DPOStage:
             label_smoothing=cfg.label_smoothing,
             eval_strategy="no",
         )
+        schedule_kwargs, schedule_callbacks = trainer_schedule(cfg, trained.model)  # LLRD, unfreezing
         trainer = DPOTrainer(
             model=trained.model,
             ref_model=trained.ref_model,  # None: TRL copies `default` (our SFT policy) into the frozen `ref` adapter
@@ -73,7 +75,8 @@ class DPOStage:
             train_dataset=Dataset.from_list(rows),
             eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
             processing_class=policy.tokenizer,
-            callbacks=trainer_callbacks(ctx.logger),
+            callbacks=trainer_callbacks(ctx.logger) + schedule_callbacks,
+            **schedule_kwargs,
         )
         use_console_progress(trainer)
         record_reference(ctx, rows[:4], trained.ref_model)

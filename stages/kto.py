@@ -12,12 +12,12 @@ from typing import Literal
 
 from pydantic import Field
 
-from alignment.config import DataSource, TrainingConfig
+from alignment.config import DataSource, ScheduleFields
 from alignment.stage import StageContext, StageResult
 from stages.dpo import OfflinePolicy, preference_data, trl_reward_metrics
 
 
-class KTOConfig(TrainingConfig):
+class KTOConfig(ScheduleFields):  # + layer_lr_decay, unfreeze_every, unfreeze_unit (schedules.py)
     kind: Literal["kto"] = "kto"
     data: DataSource | None = None  # default: the reward stage's preference data if there is one, else toy:preference
     beta: float = Field(0.1, gt=0)
@@ -49,6 +49,7 @@ class KTOStage:
         from trl import KTOConfig as TRLKTOConfig
         from trl import KTOTrainer
 
+        from alignment.schedules import trainer_schedule
         from alignment.training import trainer_callbacks, trl_args, use_console_progress
 
         cfg, policy = self.config, ctx.policy
@@ -63,6 +64,7 @@ class KTOStage:
             undesirable_weight=cfg.undesirable_weight,
             eval_strategy="no",
         )
+        schedule_kwargs, schedule_callbacks = trainer_schedule(cfg, trained.model)  # LLRD, unfreezing
         trainer = _trainer_class(KTOTrainer, cfg.sft_weight)(
             model=trained.model,
             ref_model=trained.ref_model,  # None: TRL copies `default` (our SFT policy) into the frozen `ref` adapter
@@ -70,7 +72,8 @@ class KTOStage:
             train_dataset=Dataset.from_list(rows),
             eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
             processing_class=policy.tokenizer,
-            callbacks=trainer_callbacks(ctx.logger),
+            callbacks=trainer_callbacks(ctx.logger) + schedule_callbacks,
+            **schedule_kwargs,
         )
         use_console_progress(trainer)
         from alignment.trainer_hooks import train
