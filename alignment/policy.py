@@ -73,6 +73,15 @@ def prepare_tokenizer(tokenizer, path: str = "the model"):
     return tokenizer
 
 
+def _plain_cpu_4bit(model) -> None:
+    """bitsandbytes 0.50 repacks a 4-bit weight for its AVX512-BF16 CPU kernel on the first eval-mode, no-grad
+    forward, and that fails when the layer's input size is not a multiple of the quantisation block (64): the toy's
+    MLP down projection (352 inputs) raises a shape error. Keep the generic 4-bit path (the one training uses)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 class SharedPolicy:
     """One base model; named adapters on it. ``model`` is the PeftModel once an adapter exists, else the base."""
 
@@ -105,6 +114,8 @@ class SharedPolicy:
                 f"model: cannot load {model_ref!r} ({first}); use `toy`, a local model folder, or a hub id that is "
                 "already in the local Hugging Face cache"
             ) from None
+        if quantization is not None:
+            _plain_cpu_4bit(base)
         if torch.cuda.is_available() and quantization is None:
             base = base.to("cuda")
         base.config.use_cache = True
