@@ -185,12 +185,15 @@ class PipelineConfig(Strict):
 def unset_later_fields(stage: StageConfig) -> set[str]:
     """Fields a stage kind gained after runs were recorded (the schedules of the reward and offline preference
     stages), left out of its fingerprint while at their defaults so that earlier runs' stages still match."""
+    if stage.kind in ONLINE_KINDS:
+        return {f for f in ("layer_lr_decay", "unfreeze_every") if getattr(stage, f, None) is None}
     if stage.kind not in LATER_SCHEDULE_KINDS:
         return set()
     return {f for f in SCHEDULE_FIELDS if getattr(stage, f, None) == ScheduleFields.model_fields[f].default}
 
 
 LATER_SCHEDULE_KINDS = ("reward", "dpo", "kto", "orpo")
+ONLINE_KINDS = ("ppo", "grpo", "rloo")
 
 
 # ------------------------------------------------------------------------------------------------ loading

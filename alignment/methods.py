@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 ALL_STAGES = ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo", "rloo", "ewc", "multitask", "adapter_fusion")
 LORA_TYPED_STAGES = ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo", "rloo", "ewc", "multitask")  # share a PeftModel with LoRA reward/value
-OTHER_PEFT_STAGES = ("sft", "dpo")  # peft forbids mixing adapter types (no LoRA reward/value adapters beside them)
+OTHER_PEFT_STAGES = ("sft", "dpo", "kto", "orpo")  # peft forbids mixing adapter types (no LoRA reward/value adapters beside them)
 BASE_WEIGHT_STAGES = ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo", "rloo", "ewc", "multitask")  # a trained model of its own
 LORA_FAMILY = ("lora", "rslora", "dora", "qlora")
 MODULE_STAGES = ("sft", "dpo", "kto", "orpo")  # our bottleneck modules: offline stages load them onto a fresh base

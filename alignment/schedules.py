@@ -20,11 +20,14 @@ from alignment.methods import layer_group, num_layers
 def parameter_groups(model, learning_rate: float, weight_decay: float, layer_decay: float | None) -> list[dict]:
     """AdamW parameter groups of the trainable parameters: one per (depth group, decayed or not). Matrices get
     ``weight_decay``; vectors (norm gains, biases) none, as transformers does."""
-    L = num_layers(model)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return groups_of(named, num_layers(model), learning_rate, weight_decay, layer_decay)
+
+
+def groups_of(named, L: int, learning_rate: float, weight_decay: float, layer_decay: float | None) -> list[dict]:
+    """``parameter_groups`` of given (name, parameter) pairs in a model of ``L`` decoder layers."""
     groups: dict[tuple[int, bool], dict] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
+    for name, param in named:
         depth, decays = layer_group(name, L), param.ndim >= 2
         scale = layer_decay ** (L + 1 - depth) if layer_decay else 1.0
         group = groups.setdefault((depth, decays), {
@@ -83,3 +86,31 @@ def trainer_schedule(cfg, model) -> tuple[dict, list]:
     optimizer = torch.optim.AdamW(groups)
     callbacks = [ProgressiveUnfreezing(groups, every, cfg.unfreeze_unit)] if every else []
     return {"optimizers": (optimizer, None)}, callbacks
+
+
+class OnlineSchedule:
+    """LLRD and progressive unfreezing for the online stages' own loops (PPO, GRPO, RLOO), on the policy's
+    parameters: ``optimizer()`` builds the AdamW groups; ``hold(iteration)`` (after backward, before clipping) drops
+    the gradients of the groups not yet unfrozen, one more every ``unfreeze_every`` iterations (top first), so AdamW
+    skips them. Gradients rather than ``requires_grad``: the shared policy re-applies trainability on every adapter
+    switch."""
+
+    def __init__(self, cfg, named, L: int, params: list):
+        decay, self.every = getattr(cfg, "layer_lr_decay", None), getattr(cfg, "unfreeze_every", None)
+        self.params = params  # without a schedule: one group, in the order the stage has always used
+        # no weight decay in the groups (online stages have no `weight_decay` field; the plain AdamW's 0.01 aside)
+        self.groups = groups_of(named, L, cfg.learning_rate, 0.0, decay) if decay or self.every else None
+        self.unfreezing = ProgressiveUnfreezing(self.groups, self.every) if self.every else None
+
+    def optimizer(self, learning_rate: float):
+        import torch
+
+        return torch.optim.AdamW(self.groups if self.groups else self.params, lr=learning_rate)
+
+    def hold(self, iteration: int) -> None:
+        if self.unfreezing is None:
+            return
+        n = self.unfreezing.unfrozen_groups(iteration - 1, 0.0)
+        for params in self.unfreezing.schedule[n:]:
+            for p in params:
+                p.grad = None

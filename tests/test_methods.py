@@ -524,3 +524,34 @@ def test_export_and_generate_with_module_methods(name, toy_dir, runs, tmp_path):
     model.eval()
     expected = [t for t, _ in generate_greedy(model, policy.tokenizer, PROMPTS, 8)]
     assert [t.strip() for t in texts] == [t.strip() for t in expected]
+
+
+@pytest.mark.parametrize("kind", ["kto", "orpo"])
+def test_ia3_continues_in_kto_and_orpo(kind, toy_dir, runs):
+    """SFT -> KTO / ORPO with IA3: every IA3 scaling vector moved from its SFT value, the shared base stays the toy's
+    (and KTO's reference, TRL's `ref` copy, is the SFT adapter bit for bit)."""
+    pipeline, summary, run_dir = run_pipeline(runs, {"method": "ia3"}, SFT_STAGE, {"kind": kind, **OFFLINE})
+    sft, stage = summary["stages"]
+    before = artifact_weights(run_dir, sft, "adapter_model.safetensors")
+    after = artifact_weights(run_dir, stage, "adapter_model.safetensors")
+    assert before and all("ia3_l" in k for k in before) and changed_names(before, after) == set(before)
+    if kind == "kto":
+        assert stage["metrics"]["reference_max_abs_diff"] == 0.0
+    assert_shared_base_is_the_toys(pipeline, toy_dir)
+
+
+def test_schedules_in_online_stages(toy_dir, runs):
+    """PPO with full fine-tuning (its own copy of the base) and layer-wise LR decay: one optimiser step reads the
+    per-layer learning rates back; GRPO with progressive unfreezing every iteration: iteration 1 trains the top
+    group (final norm), iteration 2 adds layer 3, nothing else moved from the SFT policy."""
+    ppo = {"kind": "ppo", "reward": "toy_gold", "iterations": 1, "batch_size": 8, "minibatch_size": 8,
+           "ppo_epochs": 1, "max_new_tokens": 8, "learning_rate": 1.0e-4, "gold_eval_every": 100,
+           "checkpoint_every": 100, "target_kl": None, "layer_lr_decay": 0.5}
+    _, summary, run_dir = run_pipeline(runs, {"method": "full"}, SFT_STAGE, ppo, name="o-ppo")
+    sft, stage = summary["stages"]
+    assert_layer_rates(artifact_weights(run_dir, sft), artifact_weights(run_dir, stage), 1.0e-4)
+    grpo = {"kind": "grpo", **GROUP, "batch_size": 4, "minibatch_size": 8, "unfreeze_every": 1}
+    _, summary, run_dir = run_pipeline(runs, {"method": "full"}, SFT_STAGE, grpo, name="o-grpo")
+    sft, stage = summary["stages"]
+    before, after = artifact_weights(run_dir, sft), artifact_weights(run_dir, stage)
+    assert changed_names(before, after) == {n for n in before if TOP_GROUP_THEN_LAYER_3(n)}
