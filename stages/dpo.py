@@ -78,6 +78,7 @@ class DPOStage:
             callbacks=trainer_callbacks(ctx.logger) + schedule_callbacks,
             **schedule_kwargs,
         )
+        trained.copy_reference()
         use_console_progress(trainer)
         record_reference(ctx, rows[:4], trained.ref_model)
         from alignment.trainer_hooks import train
@@ -161,6 +162,20 @@ class OfflinePolicy:
         copies = "its own copy of the base" + (" and the reference is another, frozen copy" if reference else "")
         console.print(f"adapter.method {self.method.name}: the policy changes base weights; {stage} trains it on "
                       f"{copies} ({memory_note(ctx.policy.base, 2 if reference else 1)})")
+
+    def copy_reference(self) -> None:
+        """After TRL made its `ref` adapter: load the SFT adapter's weights into it. TRL copies only parameters named
+        `....default....`, which misses adapters whose parameter names end in the adapter name (IA3's
+        `ia3_l.default`): its `ref` would keep IA3's initial scalings, i.e. the bare base, not the SFT policy."""
+        if self.separate or not self.reference or TRL_REFERENCE not in self.ctx.policy.adapters:
+            return
+        from peft import set_peft_model_state_dict
+
+        policy = self.ctx.policy
+        set_peft_model_state_dict(policy.model, policy.adapter_state(TRL_TRAINED), adapter_name=TRL_REFERENCE)
+        for name, param in policy.model.named_parameters():
+            if name.endswith(f".{TRL_REFERENCE}") or f".{TRL_REFERENCE}." in name:
+                param.requires_grad_(False)
 
     def reference_drift(self) -> float:
         """Max |reference - the SFT policy on disk|: the reference must still be exactly the SFT policy."""

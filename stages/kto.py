@@ -75,6 +75,7 @@ class KTOStage:
             callbacks=trainer_callbacks(ctx.logger) + schedule_callbacks,
             **schedule_kwargs,
         )
+        trained.copy_reference()
         use_console_progress(trainer)
         from alignment.trainer_hooks import train
 
