@@ -37,7 +37,8 @@ LORA_TYPED_STAGES = ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo", "rloo
 OTHER_PEFT_STAGES = ("sft", "dpo", "kto", "orpo")  # peft forbids mixing adapter types (no LoRA reward/value adapters beside them)
 BASE_WEIGHT_STAGES = ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo", "rloo", "ewc", "multitask")  # a trained model of its own
 LORA_FAMILY = ("lora", "rslora", "dora", "qlora")
-MODULE_STAGES = ("sft", "dpo", "kto", "orpo")  # our bottleneck modules: offline stages load them onto a fresh base
+MODULE_STAGES = ("sft", "dpo", "kto", "orpo", "ewc", "multitask")  # our bottleneck modules (offline preference
+# stages load them onto a fresh copy of the base; continual stages, like SFT, hook them into the shared base for the stage)
 
 
 class MethodOptions(BaseModel):

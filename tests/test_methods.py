@@ -407,11 +407,13 @@ TASK = {"max_steps": 3, "batch_size": 4, "max_samples": 32, "learning_rate": 1.0
     ("ewc", {"method": "rslora", "r": 4}),
     ("multitask", {"method": "freeze", "train_top": 1}),
     ("multitask", {"method": "dora", "r": 4}),
+    ("ewc", {"method": "bottleneck", "size": 8}),
+    ("multitask", {"method": "bottleneck", "size": 8}),
 ])
 def test_continual_stage_with_a_method(kind, adapter, toy_dir, runs):
-    """EWC (two tasks: the second under the first's penalty) and multi-task stages with layer freezing or a
-    LoRA-family method: exactly the method's parameters moved (from the toy, or from the first task's), the shared
-    base stays the toy's."""
+    """EWC (two tasks: the second under the first's penalty) and multi-task stages with layer freezing, a LoRA-family
+    method or bottleneck modules: exactly the method's parameters moved (from the toy, or from the first task's),
+    the shared base stays the toy's (and carries no modules after the stage)."""
     if kind == "ewc":
         stages = [{"kind": "ewc", "data": "toy:task/sentiment", **TASK}, {"kind": "ewc", "data": "toy:task/topic", **TASK}]
     else:
@@ -421,8 +423,8 @@ def test_continual_stage_with_a_method(kind, adapter, toy_dir, runs):
     last = summary["stages"][-1]
     if kind == "ewc":
         assert last["metrics"]["ewc_tasks_protected"] == 1
-    base = adapter["method"] == "freeze"
-    file = "model.safetensors" if base else "adapter_model.safetensors"
+    base, modules = adapter["method"] == "freeze", adapter["method"] == "bottleneck"
+    file = "model.safetensors" if base else "bottleneck.safetensors" if modules else "adapter_model.safetensors"
     after = artifact_weights(run_dir, last, file)
     if base:
         before = toy_weights(toy_dir) if kind == "multitask" else artifact_weights(run_dir, summary["stages"][0], file)
@@ -431,6 +433,8 @@ def test_continual_stage_with_a_method(kind, adapter, toy_dir, runs):
     elif kind == "ewc":  # every adapter tensor moved from the first task's
         before = artifact_weights(run_dir, summary["stages"][0], file)
         assert changed_names(before, after) == set(before)
+    elif modules:  # fresh bottlenecks: every up projection (zero at insertion) moved
+        assert all(t.abs().max() > 0 for k, t in after.items() if ".up." in k)
     else:  # a fresh DoRA adapter: every B factor left zero, and the magnitudes are there
         assert all(t.abs().max() > 0 for k, t in after.items() if "lora_B" in k)
         assert any("magnitude" in k for k in after)
