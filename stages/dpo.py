@@ -67,7 +67,7 @@ class DPOStage:
             label_smoothing=cfg.label_smoothing,
             eval_strategy="no",
         )
-        schedule_kwargs, schedule_callbacks = trainer_schedule(cfg, trained.model)  # LLRD, unfreezing
+        schedule_kwargs, schedule_callbacks = trainer_schedule(cfg, trained.model, switch=trained.separate)  # LLRD, unfreezing
         trainer = DPOTrainer(
             model=trained.model,
             ref_model=trained.ref_model,  # None: TRL copies `default` (our SFT policy) into the frozen `ref` adapter

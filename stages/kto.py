@@ -64,7 +64,7 @@ class KTOStage:
             undesirable_weight=cfg.undesirable_weight,
             eval_strategy="no",
         )
-        schedule_kwargs, schedule_callbacks = trainer_schedule(cfg, trained.model)  # LLRD, unfreezing
+        schedule_kwargs, schedule_callbacks = trainer_schedule(cfg, trained.model, switch=trained.separate)  # LLRD, unfreezing
         trainer = _trainer_class(KTOTrainer, cfg.sft_weight)(
             model=trained.model,
             ref_model=trained.ref_model,  # None: TRL copies `default` (our SFT policy) into the frozen `ref` adapter

@@ -118,6 +118,8 @@ class RewardStage:
                 if cfg.center_rewards_coefficient:
                     loss = loss + cfg.center_rewards_coefficient * ((chosen + rejected) ** 2).mean()
                 (loss / cfg.gradient_accumulation_steps).backward()
+            if unfreezing is not None:  # groups not yet unfrozen stay still (the adapter switch re-enables them)
+                unfreezing.hold(step, step / steps_per_epoch)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             monitor.check(step + 1, float(grad_norm))  # NaN/inf stops before the step; spikes are logged
             optimizer.step()

@@ -565,3 +565,15 @@ def test_schedules_in_online_stages(toy_dir, runs):
     sft, stage = summary["stages"]
     before, after = artifact_weights(run_dir, sft), artifact_weights(run_dir, stage)
     assert changed_names(before, after) == {n for n in before if TOP_GROUP_THEN_LAYER_3(n)}
+
+
+def test_progressive_unfreezing_of_a_lora_adapter_in_dpo(toy_dir, runs):
+    """DPO on a LoRA adapter, one more group every 2 steps, 3 steps: steps 0-1 train layer 3's LoRA factors (the top
+    group that has any), step 2 adds layer 2's; layers 0-1 stay the SFT adapter's bit for bit, although TRL's switch
+    to its `ref` adapter re-enables `requires_grad` on the whole trained adapter every step."""
+    stage = {"kind": "dpo", **OFFLINE, "max_steps": 3, "unfreeze_every": 2}
+    _, summary, run_dir = run_pipeline(runs, {"method": "lora", "r": 4}, SFT_STAGE, stage, name="u-lora")
+    sft, dpo = summary["stages"]
+    before = artifact_weights(run_dir, sft, "adapter_model.safetensors")
+    after = artifact_weights(run_dir, dpo, "adapter_model.safetensors")
+    assert changed_names(before, after) == {k for k in before if ".layers.3." in k or ".layers.2." in k}
