@@ -3,7 +3,10 @@
 On disk it is a stock peft folder for sequence classification (``task_type: SEQ_CLS``, the head saved as
 ``base_model.model.score.weight``), so ``AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)``
 plus ``PeftModel.from_pretrained(model, folder)`` gives the same scores. In the pipeline it lives on the shared
-base as a named adapter (default ``reward``): no second copy of the base.
+base as a named adapter (default ``reward``): no second copy of the base. The adapter may be any of the LoRA family
+(rsLoRA and DoRA flags are kept). A reward model trained with a base-weight method (full, freeze, ...) is a plain
+model folder with the head in ``score/`` (``save_base_reward_model``); ``TrainedRewardModel.load`` holds it as a
+separate frozen model.
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ class RewardConfig(ScheduleFields):  # + layer_lr_decay, unfreeze_every, unfreez
 
 
 class RewardStage:
-    """Reward model (Bradley-Terry): a score head + `reward` LoRA adapter on the shared base."""
+    """Reward model (Bradley-Terry): a score head + a `reward` adapter (LoRA family) on the shared base, or, for a
+    method that trains base weights, on a copy of the base of its own."""
 
     Config = RewardConfig
 
