@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from alignment.errors import UserError
-from alignment.io import atomic_dir, atomic_write_json, atomic_write_text, read_json
+from alignment.io import atomic_dir, atomic_write_json, atomic_write_text, read_json, unguarded
 
 STARTED = "STARTED"
 COMPLETE = "COMPLETE"
@@ -191,7 +191,7 @@ def save_online_checkpoint(folder: Path, step: int, tensors: dict, optimizers: d
     import torch
     from safetensors.torch import save_file
 
-    from alignment import faults
+    from alignment import distributed, faults
 
     flat = {f"tensor/{k}": v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta: dict[str, Any] = {"step": step, "state": state, "optimizers": {}}
@@ -207,10 +207,15 @@ def save_online_checkpoint(folder: Path, step: int, tensors: dict, optimizers: d
                     scalars[key] = value
             meta["optimizers"][name]["state"][str(pid)] = scalars
     flat["rng/torch"] = torch.get_rng_state()
+    if distributed.world_size() > 1:  # each rank's torch RNG (sampling, minibatch order): every rank resumes its own
+        for r, s in enumerate(distributed.gather_objects(torch.get_rng_state())):
+            flat[f"rng/torch/rank{r}"] = s
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             flat[f"rng/cuda/{i}"] = s
-    with atomic_dir(folder) as tmp:
+    if distributed.world_size() > 1 and not distributed.is_main():
+        return  # rank 0 writes the checkpoint; the caller's barrier waits for it
+    with unguarded(), atomic_dir(folder) as tmp:
         if adapters is not None:
             adapters(tmp)
         save_file(flat, str(tmp / "state.safetensors"))
@@ -233,7 +238,10 @@ def load_online_checkpoint(folder: Path, optimizers: dict) -> tuple[dict, dict]:
             prefix = f"optim/{name}/{pid}/"
             state[int(pid)] = {**scalars, **{k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}}
         opt.load_state_dict({"param_groups": saved["param_groups"], "state": state})
-    torch.set_rng_state(flat["rng/torch"])
+    from alignment import distributed
+
+    own = f"rng/torch/rank{distributed.rank()}"  # written by multi-process runs (every rank resumes with its own)
+    torch.set_rng_state(flat[own] if own in flat else flat["rng/torch"])
     cuda = [flat[k] for k in sorted(flat) if k.startswith("rng/cuda/")]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
@@ -244,17 +252,27 @@ def load_online_checkpoint(folder: Path, optimizers: dict) -> tuple[dict, dict]:
 def due(ctx, step: int, every: int, last: int) -> bool:
     """Whether a stage's own loop writes a checkpoint after ``step``: every ``every`` steps and when Ctrl-C is
     pending, never after the last step (the stage's artifacts follow at once)."""
-    from alignment import faults
+    from alignment import distributed, faults
 
     faults.kill_point(ctx.dir.name, f"step:{step}")
-    return (step % every == 0 or interrupt_requested()) and step < last
+    interrupted = interrupt_requested()
+    if distributed.world_size() > 1:  # every rank must take the same decision (the checkpoint gathers from all)
+        interrupted = any(distributed.gather_objects(interrupted))
+    return (step % every == 0 or interrupted) and step < last
 
 
 def write_stage_checkpoint(ctx, step: int, adapters: tuple[str, ...], tensors: dict, optimizers: dict,
                            state: dict) -> None:
     """A checkpoint of a stage's own loop: the named adapters of ``ctx.policy``, ``tensors``, ``optimizers``, the
-    torch and Python RNGs and ``state``; keeps the newest two; then honours a pending Ctrl-C."""
+    torch and Python RNGs and ``state``; keeps the newest two; then honours a pending Ctrl-C.
+
+    Under ``accelerate launch`` every rank calls it at the same step: adapters, tensors and optimisers are equal on
+    all ranks (averaged gradients) and rank 0 writes them; what may differ per rank (``state``, the RNGs) is gathered
+    and stored for each rank (``state["ranks"]``, ``rng/torch/rank<r>``); the others wait until the folder is
+    complete."""
     import random
+
+    from alignment import distributed
 
     def save_adapters(folder):
         for name in adapters:
@@ -262,8 +280,13 @@ def write_stage_checkpoint(ctx, step: int, adapters: tuple[str, ...], tensors: d
 
     root = ctx.dir / CHECKPOINTS
     state = {**state, "python_rng": python_rng_state(random)}
+    if distributed.world_size() > 1:
+        state = {**state, "ranks": distributed.gather_objects(state)}
+    state["world_size"] = distributed.world_size()
     save_online_checkpoint(root / f"iter-{step:05d}", step, tensors, optimizers, state, save_adapters)
-    prune(root, keep=2)
+    if distributed.is_main():
+        prune(root, keep=2)
+    distributed.barrier()  # the checkpoint is complete (and pruned) before any rank goes on
     stop_if_interrupted(f"{ctx.label} step {step}")
 
 
@@ -281,7 +304,16 @@ def read_stage_checkpoint(ctx, adapters: tuple[str, ...], tensors: dict, optimiz
         return None
     for name in adapters:
         load_adapter_weights(ctx.policy.model, name, folder / name / "adapter_model.safetensors")
+    from alignment import distributed
+
     saved, state = load_online_checkpoint(folder, optimizers)
+    written_by = state.get("world_size", 1)
+    if written_by != distributed.world_size():  # the data shards and the per-rank states would not match
+        raise UserError(f"{ctx.label}: {folder} was written by {written_by} process(es), this run has "
+                        f"{distributed.world_size()}; rerun with the same number of processes, or delete "
+                        f"{folder.parent} to restart the stage")
+    if "ranks" in state:  # written by a multi-process run: this rank's own state
+        state = state["ranks"][distributed.rank()]
     with torch.no_grad():
         for name, tensor in tensors.items():
             tensor.copy_(saved[name])

@@ -112,6 +112,7 @@ class TrainingConfig(StageConfig):
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0)
+    gradient_checkpointing: bool = True  # recompute activations in backward: less memory, more compute (TRL's default)
     max_length: int = Field(256, ge=8)
     long_prompts: Literal["truncate", "refuse"] = "truncate"  # prompts over max_length: cut (and count) or stop
     checkpoint_every: int = Field(50, ge=1)  # optimiser steps between checkpoints (a killed run resumes from the last)

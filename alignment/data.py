@@ -59,6 +59,31 @@ def load_rows(source: str, columns: dict[str, str] | None = None, field: str = "
     return rows
 
 
+def row_location(source: str, index: int) -> str:
+    """Where row ``index`` (0-based, as ``load_rows`` returned it) is in ``source``, for error messages: ``line N``
+    (1-based) of a .jsonl file (blank lines count) or a .csv file (the header is line 1), else ``row N`` (1-based)."""
+    path = Path(source).expanduser()
+    try:
+        if path.suffix == ".jsonl" and path.is_file():
+            with path.open(encoding="utf-8") as f:
+                seen = -1
+                for lineno, line in enumerate(f, 1):
+                    seen += bool(line.strip())
+                    if seen == index:
+                        return f"line {lineno}"
+        if path.suffix == ".csv" and path.is_file():
+            with path.open(encoding="utf-8", newline="") as f:
+                reader, n, start = csv.reader(f), -2, 1  # -2: the header is not a row
+                for record in reader:
+                    n += bool(record)  # DictReader skips blank lines
+                    if record and n == index:
+                        return f"line {start}"
+                    start = reader.line_num + 1
+    except (OSError, UnicodeDecodeError):
+        pass
+    return f"row {index + 1}"
+
+
 def _read_file(path: Path) -> list[dict]:
     try:
         if path.suffix == ".jsonl":

@@ -22,11 +22,16 @@ def is_main() -> bool:
 
 
 def start() -> None:
-    """Join the process group (accelerate picks gloo on CPU, NCCL on GPUs) when launched with several processes."""
+    """Join the process group (gloo on CPU, NCCL on GPUs) when launched with several processes.
+
+    Without ``cpu=True`` a CPU-only ``accelerate launch`` state says ``DistributedType.NO`` (one process), and
+    accelerate's ``reduce`` and ``wait_for_everyone`` do nothing, until a TRL trainer happens to reset the state: a
+    run whose TRL stages were all skipped (a resume) would train its online stages without averaging gradients."""
     if world_size() > 1:
+        import torch
         from accelerate import PartialState
 
-        PartialState()
+        PartialState(cpu=not torch.cuda.is_available())
 
 
 def barrier() -> None:
@@ -34,3 +39,15 @@ def barrier() -> None:
         from accelerate import PartialState
 
         PartialState().wait_for_everyone()
+
+
+def gather_objects(value) -> list:
+    """``value`` from every rank, in rank order (all ranks must call it at the same point); ``[value]`` in one
+    process. Travels through the process group in memory (torch's object collective), never through a file."""
+    if world_size() == 1:
+        return [value]
+    import torch.distributed as dist
+
+    out = [None] * world_size()
+    dist.all_gather_object(out, value)
+    return out

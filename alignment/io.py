@@ -28,6 +28,18 @@ def main_process_writes(root: Path):
         _MAIN_ONLY.pop()
 
 
+@contextlib.contextmanager
+def unguarded():
+    """Inside it, this process writes rank-0-only folders directly, without the end-of-write barriers: for a writer
+    that rank 0 alone runs while the other ranks wait at a barrier of their own (checkpoints of our own loops)."""
+    saved = list(_MAIN_ONLY)
+    _MAIN_ONLY.clear()
+    try:
+        yield
+    finally:
+        _MAIN_ONLY[:] = saved
+
+
 def _guarded(path: Path) -> bool:
     """True when ``path`` is in a rank-0-only folder of a multi-process run."""
     from alignment import distributed

@@ -812,6 +812,11 @@ class FrozenBasePolicy:
         if self.named_model(name) is None and name != "policy":
             self.shared.activate(name, trainable)
 
+    def checkpointing(self, on: bool = True):
+        from alignment.policy import gradient_checkpointing
+
+        return gradient_checkpointing([self.policy_model, self.shared.base], on)
+
     def policy_state_dict(self) -> dict[str, torch.Tensor]:
         """The policy's full weights (for a full-weight reload into vLLM)."""
         return {k: v.detach().clone().contiguous() for k, v in self.policy_model.state_dict().items()}

@@ -273,6 +273,10 @@ class SharedPolicy:
         causal = self.model.get_base_model() if self.model is not self.base else self.base
         return getattr(causal, causal.base_model_prefix)
 
+    def checkpointing(self, on: bool = True):
+        """Gradient checkpointing on the shared base inside the block (see ``gradient_checkpointing``)."""
+        return gradient_checkpointing([self.base], on)
+
     @contextlib.contextmanager
     def disabled(self):
         """The bare base model (no adapter) inside the block."""
@@ -315,3 +319,33 @@ class SharedPolicy:
                 f"{config_file}: adapter was trained on base {recorded!r}, not the configured model "
                 f"{self.model_path!r}; set `model:` to that base or retrain the adapter"
             )
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(models, on: bool = True):
+    """Gradient checkpointing for the forwards run inside the block (and their backward, which must run inside it
+    too): each decoder layer keeps its input and recomputes the rest in backward. Off outside the block, so generation
+    and no-grad passes keep their KV cache. Only the decoder layers are put in training mode (that is what transformers
+    checks before checkpointing), so dropout stays as it is."""
+    if not on:
+        yield
+        return
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = []
+    for model in models:
+        own = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        if not own:
+            raise UserError(f"gradient_checkpointing: {type(model).__name__} has no checkpointable layers "
+                            "(transformers' GradientCheckpointingLayer); set `gradient_checkpointing: false`")
+        if not getattr(model, "is_gradient_checkpointing", False):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        layers += own
+    modes = [m.training for m in layers]
+    for m in layers:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m, mode in zip(layers, modes):
+            m.training = mode

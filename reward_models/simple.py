@@ -12,14 +12,16 @@ from alignment.errors import UserError
 class RuleReward:
     """A plain function ``module:function`` with signature (prompt, completion) -> float."""
 
-    def __init__(self, target: str):
+    def __init__(self, target: str, field: str = "reward"):
+        """``field``: the config path errors name, as the user wrote it (``stages.2.reward``)."""
         module_name, _, attr = target.partition(":")
         if not module_name or not attr:
-            raise UserError(f"reward.function: {target!r} must look like package.module:function")
+            raise UserError(f"{field}: {target!r} must look like package.module:function (or `trained` / `toy_gold`)")
         try:
             self.fn = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as e:
-            raise UserError(f"reward.function: cannot load {target!r} ({e})") from None
+            raise UserError(f"{field}: cannot load {target!r} ({e}); check the module is importable from where you "
+                            "run (PYTHONPATH) and the function name") from None
 
     def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
         return torch.tensor([float(self.fn(p, c)) for p, c in zip(prompts, completions)])

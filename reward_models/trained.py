@@ -41,7 +41,8 @@ def sequence_rewards(policy, adapter_name: str, head, texts: list[str], max_leng
         tokenizer.padding_side = side
     batch = batch.to(head.weight.device)
     with policy.using(adapter_name) if adapter_name else contextlib.nullcontext():  # None: a plain model
-        hidden = policy.backbone()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = policy.backbone()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   use_cache=False).last_hidden_state
     last = batch["attention_mask"].sum(dim=1) - 1
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     return head(pooled).squeeze(-1).float()

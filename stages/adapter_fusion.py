@@ -35,6 +35,7 @@ class AdapterFusionConfig(StageConfig):
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0)
     max_length: int = Field(256, ge=8)
+    checkpoint_every: int = Field(50, ge=1)  # optimiser steps between checkpoints (a killed run resumes from the last)
 
     def continual_tasks(self) -> list:
         return []  # composes the chain's tasks, trains none of its own
@@ -118,7 +119,9 @@ class AdapterFusionStage:
         import torch
         from transformers import get_scheduler
 
+        from alignment import checkpoint
         from alignment.fusion import FusedModel
+        from alignment.guards import GradNormMonitor
 
         cfg, tokenizer = self.config, ctx.policy.tokenizer
         fused = FusedModel(fusion)
@@ -138,34 +141,46 @@ class AdapterFusionStage:
         for r in rows:  # prompt + answer + eos, as the task adapters were trained
             ids = tokenizer(r["prompt"] + r["completion"]).input_ids + [tokenizer.eos_token_id]
             encoded.append((ids[: cfg.max_length], len(tokenizer(r["prompt"]).input_ids), r["adapter"]))
-        rng, step, losses = random.Random(ctx.seed), 0, []
+        rng, step, losses, pending = random.Random(ctx.seed), 0, [], []
+        # a checkpoint: the fusion layers (parameters and calibration buffers, restored in place), the optimiser,
+        # the scheduler, the torch and Python RNGs, the step, the losses so far and the rest of this epoch's order
+        tensors = dict(fusion.state_dict())
+        resumed = checkpoint.read_stage_checkpoint(ctx, (), tensors, {"optimizer": optimizer})
+        if resumed is not None:
+            step, losses, pending = resumed["step"], resumed["losses"], resumed["order"]
+            schedule.load_state_dict(resumed["scheduler"])
+            checkpoint.set_python_rng_state(rng, resumed["rng"])
+        monitor = GradNormMonitor(ctx.label, ctx.dir)
         fused.train()
         while step < total:
-            order = list(range(len(encoded)))
-            rng.shuffle(order)
-            for lo in range(0, len(order), cfg.batch_size):
-                batch = [encoded[i] for i in order[lo : lo + cfg.batch_size]]
-                ids, mask, labels, prompt_lengths = _collate([b[:2] for b in batch], tokenizer.pad_token_id, fused.device)
-                logits = fused(input_ids=ids, attention_mask=mask, prompt_lengths=prompt_lengths).logits
-                loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-                targets = torch.tensor([b[2] for b in batch], device=fused.device)
-                if cfg.route_loss and (targets != -100).any():
-                    # without it the routing often settles on a wrong adapter per layer (measured: 1 seed in 3)
-                    route = [torch.nn.functional.nll_loss(torch.log(w.float() + 1e-9), targets) for w in fusion.layer_weights()]
-                    loss = loss + cfg.route_loss * torch.stack(route).mean()
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                losses.append(loss.item())
-                if step % ctx.pipeline.logging.log_every == 0 or step == total:
-                    recent = losses[-ctx.pipeline.logging.log_every :]
-                    ctx.logger.log(step, {"loss": round(sum(recent) / len(recent), 6), "grad_norm": round(float(grad_norm), 6),
-                                          "learning_rate": schedule.get_last_lr()[0], "epoch": round(step / per_epoch, 4)})
-                if step >= total:
-                    break
+            if not pending:  # a new epoch: reshuffle (the last batch of an epoch may be short)
+                pending = list(range(len(encoded)))
+                rng.shuffle(pending)
+            batch, pending = [encoded[i] for i in pending[: cfg.batch_size]], pending[cfg.batch_size :]
+            ids, mask, labels, prompt_lengths = _collate([b[:2] for b in batch], tokenizer.pad_token_id, fused.device)
+            logits = fused(input_ids=ids, attention_mask=mask, prompt_lengths=prompt_lengths).logits
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            targets = torch.tensor([b[2] for b in batch], device=fused.device)
+            if cfg.route_loss and (targets != -100).any():
+                # without it the routing often settles on a wrong adapter per layer (measured: 1 seed in 3)
+                route = [torch.nn.functional.nll_loss(torch.log(w.float() + 1e-9), targets) for w in fusion.layer_weights()]
+                loss = loss + cfg.route_loss * torch.stack(route).mean()
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            monitor.check(step + 1, float(grad_norm))  # NaN/inf stops before the step; spikes are logged
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(loss.item())
+            if step % ctx.pipeline.logging.log_every == 0 or step == total:
+                recent = losses[-ctx.pipeline.logging.log_every :]
+                ctx.logger.log(step, {"loss": round(sum(recent) / len(recent), 6), "grad_norm": round(float(grad_norm), 6),
+                                      "learning_rate": schedule.get_last_lr()[0], "epoch": round(step / per_epoch, 4)})
+            if checkpoint.due(ctx, step, cfg.checkpoint_every, total):
+                state = {"step": step, "losses": losses, "order": pending, "scheduler": schedule.state_dict(),
+                         "rng": checkpoint.python_rng_state(rng)}
+                checkpoint.write_stage_checkpoint(ctx, step, (), tensors, {"optimizer": optimizer}, state)
         fused.eval()
         for p in params:
             p.requires_grad_(False)

@@ -60,7 +60,6 @@ class DPOStage:
 
         args = TRLDPOConfig(
             **trl_args(cfg, ctx),
-            **trained.method.trainer_args(),
             beta=cfg.beta,
             loss_type=[cfg.loss_type, "sft"] if cfg.sft_weight else [cfg.loss_type],
             loss_weights=[1.0, cfg.sft_weight] if cfg.sft_weight else None,

@@ -16,7 +16,16 @@ from typing import Literal
 from pydantic import Field
 
 from alignment.stage import StageContext, StageResult
-from stages.online import Minibatches, OnlineConfig, OnlineRun, average_gradients, pack, requires, token_logprobs
+from stages.online import (
+    Minibatches,
+    OnlineConfig,
+    OnlineRun,
+    average_gradients,
+    pack,
+    requires,
+    token_logprobs,
+    unshuffle,
+)
 
 
 class GroupConfig(OnlineConfig):
@@ -80,8 +89,9 @@ class GRPOStage:
             raw_scores, scores, finished = run.score(rollout)
             seq = pack(rollout, policy.tokenizer.pad_token_id, policy.base.device)
             mask = seq["response_mask"]
-            with torch.no_grad():
-                old_logprobs, _ = token_logprobs(policy, "policy", seq, cfg.temperature)
+            loop = Minibatches(len(rollout.prompts), cfg.ppo_epochs, cfg.minibatch_size, cfg.target_kl)
+            with torch.no_grad():  # one pass over one minibatch: its own forward gives the old log-probs (step 4)
+                old_logprobs = None if loop.single else token_logprobs(policy, "policy", seq, cfg.temperature)[0]
                 ref_logprobs = token_logprobs(policy, "reference", seq, cfg.temperature)[0] if cfg.kl_coef else None
 
             # 3. advantages relative to the group, one per completion, the same for each of its tokens
@@ -89,24 +99,26 @@ class GRPOStage:
 
             # 4. K epochs x minibatches: clipped surrogate + kl_coef * KL(policy || reference), early stop on approx_kl
             t0 = time.time()
-            loop = Minibatches(len(rollout.prompts), cfg.ppo_epochs, cfg.minibatch_size, cfg.target_kl)
-            for mb in loop:
-                sub = {k: v[mb] for k, v in seq.items()}
-                m = mask[mb]
-                with policy.using("policy"):
-                    logprobs, entropy = token_logprobs(policy, "policy", sub, cfg.temperature, with_entropy=True)
-                    pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.clip_range)
-                    kl_loss = (masked_mean(kl_estimate(logprobs, ref_logprobs[mb], cfg.kl_estimator), m)
-                               if cfg.kl_coef else torch.zeros(()))
-                    mean_entropy = masked_mean(entropy, m)
-                    (pg_loss + cfg.kl_coef * kl_loss - cfg.entropy_coef * mean_entropy).backward()
-                run.schedule.hold(iteration)  # progressive unfreezing: groups not yet unfrozen stay still
-                average_gradients(params)  # data parallel: the mean over the ranks
-                run.check_gradients(iteration, torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                loop.record(pg_loss=pg_loss.item(), kl_loss=kl_loss.item(), clipfrac=pg_stats["clipfrac"],
-                            approx_kl=pg_stats["approx_kl"], entropy=mean_entropy.item())
+            with policy.checkpointing(cfg.gradient_checkpointing):  # recompute activations in backward
+                for mb in loop:
+                    sub = {k: v[mb] for k, v in seq.items()}
+                    m = mask[mb]
+                    with policy.using("policy"):
+                        logprobs, entropy = token_logprobs(policy, "policy", sub, cfg.temperature, with_entropy=True)
+                        if loop.single:  # before any update: these are the log-probs of the policy that sampled
+                            old_logprobs = unshuffle(logprobs, mb)
+                        pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.clip_range)
+                        kl_loss = (masked_mean(kl_estimate(logprobs, ref_logprobs[mb], cfg.kl_estimator), m)
+                                   if cfg.kl_coef else torch.zeros(()))
+                        mean_entropy = masked_mean(entropy, m)
+                        (pg_loss + cfg.kl_coef * kl_loss - cfg.entropy_coef * mean_entropy).backward()
+                    run.schedule.hold(iteration)  # progressive unfreezing: groups not yet unfrozen stay still
+                    average_gradients(params)  # data parallel: the mean over the ranks
+                    run.check_gradients(iteration, torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    loop.record(pg_loss=pg_loss.item(), kl_loss=kl_loss.item(), clipfrac=pg_stats["clipfrac"],
+                                approx_kl=pg_stats["approx_kl"], entropy=mean_entropy.item())
             run.timing["train"] += time.time() - t0
             run.sync()
 

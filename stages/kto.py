@@ -58,7 +58,6 @@ class KTOStage:
         sft_scores = ctx.gold_scores(trained.model)
         args = TRLKTOConfig(
             **trl_args(cfg, ctx),
-            **trained.method.trainer_args(),
             beta=cfg.beta,
             desirable_weight=cfg.desirable_weight,
             undesirable_weight=cfg.undesirable_weight,
@@ -100,17 +99,20 @@ class KTOStage:
         if cfg.data is not None:
             sample = load_rows(cfg.data, cfg.columns, f"stages.{ctx.index}.data")
             if {"prompt", "completion", "label"} <= set(sample[0]):
-                return self._unpaired(sample, ctx), (self._unpaired(load_rows(cfg.eval_data, cfg.columns,
-                                                     f"stages.{ctx.index}.eval_data"), ctx) if cfg.eval_data else [])
+                field = f"stages.{ctx.index}.eval_data"
+                return (self._unpaired(sample, ctx, cfg.data, f"stages.{ctx.index}.data"),
+                        self._unpaired(load_rows(cfg.eval_data, cfg.columns, field), ctx, cfg.eval_data, field)
+                        if cfg.eval_data else [])
             if "label" in sample[0] or "completion" in sample[0]:
                 raise UserError(f"stages.{ctx.index}.data: unpaired KTO data needs prompt, completion and label columns; "
                                 f"columns found: {', '.join(sorted(sample[0]))}")
         rows, eval_rows, _ = preference_data(cfg, ctx)
         return _unpair(rows), _unpair(eval_rows)
 
-    def _unpaired(self, rows: list[dict], ctx: StageContext) -> list[dict]:
+    def _unpaired(self, rows: list[dict], ctx: StageContext, source: str, field: str) -> list[dict]:
         import random
 
+        from alignment.data import row_location
         from alignment.errors import UserError
 
         out = []
@@ -119,8 +121,8 @@ class KTOStage:
             if isinstance(label, str) and label.lower() in ("true", "false", "1", "0", "yes", "no"):
                 label = label.lower() in ("true", "1", "yes")
             if not isinstance(label, bool) and label not in (0, 1):
-                raise UserError(f"stages.{ctx.index}.data: row {i}: label must be true/false (desirable or not), "
-                                f"got {r['label']!r}")
+                raise UserError(f"{field}: {source!r} {row_location(source, i)}: label must be true/false (desirable "
+                                f"or not), got {r['label']!r}")
             out.append({"prompt": str(r["prompt"]), "completion": str(r["completion"]), "label": bool(label)})
         random.Random(ctx.seed).shuffle(out)
         return out[: self.config.max_samples] if self.config.max_samples else out

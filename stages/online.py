@@ -36,6 +36,7 @@ class OnlineConfig(StageConfig):
     max_grad_norm: float = Field(1.0, gt=0)
     layer_lr_decay: float | None = Field(None, gt=0.0, le=1.0)  # LLRD of the policy (alignment/schedules.py)
     unfreeze_every: int | None = Field(None, ge=1)  # progressive unfreezing of the policy: one more group every N iterations
+    gradient_checkpointing: bool = True  # recompute activations in backward: less memory, more compute (TRL's default)
     clip_range: float = Field(0.2, gt=0)
     entropy_coef: float = Field(0.0, ge=0.0)
     kl_coef: float = Field(0.05, ge=0.0)
@@ -66,6 +67,7 @@ class OnlineRun:
         rows = load_rows(cfg.prompts, cfg.columns, f"stages.{ctx.index}.prompts")
         self.prompts = self._prompt_texts(rows)
         self.policy = online_policy(ctx)  # `policy` + frozen `reference` (copies for base-weight methods)
+        self.policy.model.eval()  # a trainer earlier in this process leaves training mode on; checkpointing is ours
         self.reward_model, self.normalized = self._reward_model()
         self.engine = None  # started by start_engine(), after the stage has added its own adapters
         self.rng = random.Random(ctx.seed)
@@ -118,8 +120,15 @@ class OnlineRun:
         return [self.prompts[i] for i in block[rank::world]]
 
     def generate(self, prompts: list[str]):
+        """One rollout per iteration. Each request gets its own sampling seed from (run seed, iteration, its place in
+        the global batch): vLLM's sampler state is not in a checkpoint, and this makes it unnecessary."""
+        from alignment import distributed
+        from alignment.rollout import request_seed
+
         t0 = time.time()
-        rollout = self.engine.generate(prompts, self.sampling)
+        first = distributed.rank() * len(prompts)
+        seeds = [request_seed(self.ctx.seed, self.iteration + 1, first + i) for i in range(len(prompts))]
+        rollout = self.engine.generate(prompts, self.sampling, seeds)
         self.engine.sleep()  # vLLM on a GPU with `rollout.sleep`: the card is the trainer's until the next sync
         self.iteration += 1  # one rollout per iteration (named in non-finite errors)
         self.timing["generate"] += time.time() - t0
@@ -214,11 +223,10 @@ class OnlineRun:
     def checkpoint(self, iteration: int, adapters: tuple[str, ...], tensors: dict, optimizers: dict,
                    extra: dict | None = None) -> None:
         """Every ``checkpoint_every`` iterations (and when Ctrl-C is pending): adapters, extra tensors, optimisers,
-        RNG states, prompt order, counters and ``extra`` (alignment/checkpoint.py; safetensors + JSON, no pickle)."""
-        from alignment import checkpoint, distributed
+        RNG states, prompt order, counters and ``extra`` (alignment/checkpoint.py; safetensors + JSON, no pickle).
+        Data parallel: rank 0 writes, with each rank's own state (running normaliser, RNGs, counters)."""
+        from alignment import checkpoint
 
-        if distributed.world_size() > 1:  # data parallel: no mid-stage checkpoints yet (as the reward stage)
-            return
         if not checkpoint.due(self.ctx, iteration, self.cfg.checkpoint_every, self.cfg.iterations):
             return
         state = {
@@ -229,6 +237,7 @@ class OnlineRun:
             "sync_diffs": self.sync_diffs,
             "gold": self.gold,
             "normalizer": [self.normalized.mean, self.normalized.var, self.normalized.count],
+            "seen_prompts": self.seen_prompts,
             "extra": extra or {},
         }
         checkpoint.write_stage_checkpoint(self.ctx, iteration, adapters, tensors, optimizers, state)
@@ -246,6 +255,7 @@ class OnlineRun:
         self.timing.update(state["timing"])
         self.sync_diffs = [tuple(d) for d in state["sync_diffs"]]
         self.normalized.mean, self.normalized.var, self.normalized.count = state["normalizer"]
+        self.seen_prompts = state.get("seen_prompts", [])
         self.iteration = checkpoint.checkpoint_step(self.ctx.resume)
         return self.iteration + 1, state["extra"]
 
@@ -282,7 +292,7 @@ class OnlineRun:
         elif cfg.reward == "toy_gold":
             model = ToyGoldReward()
         else:
-            model = RuleReward(cfg.reward)
+            model = RuleReward(cfg.reward, f"stages.{self.ctx.index}.reward")
         stats = getattr(model, "stats", None) or {}
         if cfg.reward_normalization == "none":
             return model, Normalized(model, mean=0.0, std=1.0, clip=cfg.reward_clip)
@@ -356,13 +366,22 @@ def token_logprobs(policy, adapter: str, seq, temperature: float, with_entropy: 
     import torch
 
     with policy.using(adapter) as model:
-        logits = model(input_ids=seq["input_ids"], attention_mask=seq["attention_mask"]).logits
+        logits = model(input_ids=seq["input_ids"], attention_mask=seq["attention_mask"], use_cache=False).logits
     index = seq["positions"][:, :, None].expand(-1, -1, logits.shape[-1])
     logits = logits.gather(1, index).float() / temperature
     logp = torch.log_softmax(logits, dim=-1)
     chosen = logp.gather(-1, seq["response_ids"][:, :, None]).squeeze(-1)
     entropy = -(logp.exp() * logp).sum(-1) if with_entropy else None
     return chosen, entropy
+
+
+def unshuffle(values, order):
+    """``values`` computed on the rows ``order`` of a batch, back in the batch's own order (detached)."""
+    import torch
+
+    out = torch.empty_like(values)
+    out[order] = values.detach()
+    return out
 
 
 def sync_diff(rollout, trainer_logprobs, mask) -> tuple[float, float] | None:
@@ -412,6 +431,12 @@ class Minibatches:
         self.n, self.epochs, self.size, self.target_kl = n, epochs, size, target_kl
         self.stats: dict[str, list[float]] = {}
         self.stopped = False
+
+    @property
+    def single(self) -> bool:
+        """One pass over one minibatch holding every sample: its forward runs before any update, so it also gives the
+        sampling policy's log-probs (and the critic's values) and the separate no-grad pass over the batch can go."""
+        return self.epochs == 1 and self.size >= self.n
 
     def __iter__(self):
         import torch

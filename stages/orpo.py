@@ -54,7 +54,7 @@ class ORPOStage:
         rows, eval_rows, dropped = preference_data(cfg, ctx)
         trained = OfflinePolicy(ctx, "ORPO", reference=False)
         sft_scores = ctx.gold_scores(trained.model)
-        args = TRLORPOConfig(**trl_args(cfg, ctx), **trained.method.trainer_args(), beta=cfg.beta, eval_strategy="no")
+        args = TRLORPOConfig(**trl_args(cfg, ctx), beta=cfg.beta, eval_strategy="no")
         schedule_kwargs, schedule_callbacks = trainer_schedule(cfg, trained.model, switch=trained.separate)  # LLRD, unfreezing
         trainer = ORPOTrainer(
             model=trained.model,

@@ -16,7 +16,16 @@ from typing import Literal
 from pydantic import Field
 
 from alignment.stage import StageContext, StageResult
-from stages.online import Minibatches, OnlineConfig, OnlineRun, average_gradients, pack, requires, token_logprobs
+from stages.online import (
+    Minibatches,
+    OnlineConfig,
+    OnlineRun,
+    average_gradients,
+    pack,
+    requires,
+    token_logprobs,
+    unshuffle,
+)
 
 
 class PPOConfig(OnlineConfig):
@@ -91,46 +100,53 @@ class PPOStage:
             raw_scores, scores, finished = run.score(rollout)
             seq = pack(rollout, policy.tokenizer.pad_token_id, policy.base.device)
             mask = seq["response_mask"]
+            loop = Minibatches(len(rollout.prompts), cfg.ppo_epochs, cfg.minibatch_size, cfg.target_kl)
             with torch.no_grad():
-                old_logprobs, _ = token_logprobs(policy, "policy", seq, cfg.temperature)
                 ref_logprobs, _ = token_logprobs(policy, "reference", seq, cfg.temperature)
                 old_values = _values(policy, value_head, seq)
+                if not loop.single:  # one pass over one minibatch: the training forward gives these (step 5)
+                    old_logprobs, _ = token_logprobs(policy, "policy", seq, cfg.temperature)
 
-            # 3. KL-shaped per-token rewards
-            kl = kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator)
-            rewards = kl_shaped_rewards(scores.to(kl.device), kl, mask, kl_coef)
+            def advantages_returns(old_logprobs):
+                # 3. KL-shaped per-token rewards
+                kl = kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator)
+                rewards = kl_shaped_rewards(scores.to(kl.device), kl, mask, kl_coef)
+                # 4. advantages and returns (GAE)
+                advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+                return kl, (masked_whiten(advantages, mask) if cfg.whiten_advantages else advantages), returns
 
-            # 4. advantages and returns (GAE)
-            advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-            if cfg.whiten_advantages:
-                advantages = masked_whiten(advantages, mask)
+            if not loop.single:
+                kl, advantages, returns = advantages_returns(old_logprobs)
 
             # 5. K epochs x minibatches of clipped policy and value losses (early stop on approx_kl)
             t0 = time.time()
-            loop = Minibatches(len(rollout.prompts), cfg.ppo_epochs, cfg.minibatch_size, cfg.target_kl)
-            for mb in loop:
-                sub = {k: v[mb] for k, v in seq.items()}
-                m = mask[mb]
-                # backward inside `using`: gradients only reach adapters that still require them
-                with policy.using("policy"):
-                    logprobs, entropy = token_logprobs(policy, "policy", sub, cfg.temperature, with_entropy=True)
-                    pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.clip_range)
-                    mean_entropy = masked_mean(entropy, m)
-                    (pg_loss - cfg.entropy_coef * mean_entropy).backward()
-                with policy.using("value"):
-                    values = _values(policy, value_head, sub, grad=True)
-                    vf_loss, _ = value_loss(values, old_values[mb], returns[mb], m, cfg.value_clip_range)
-                    (cfg.vf_coef * vf_loss).backward()
-                run.schedule.hold(iteration)  # progressive unfreezing: groups not yet unfrozen stay still
-                average_gradients(policy_params + value_params)  # data parallel: the mean over the ranks
-                run.check_gradients(iteration, torch.nn.utils.clip_grad_norm_(policy_params, cfg.max_grad_norm))
-                run.check_gradients(iteration, torch.nn.utils.clip_grad_norm_(value_params, cfg.max_grad_norm))
-                policy_opt.step()
-                value_opt.step()
-                policy_opt.zero_grad(set_to_none=True)
-                value_opt.zero_grad(set_to_none=True)
-                loop.record(pg_loss=pg_loss.item(), vf_loss=vf_loss.item(), clipfrac=pg_stats["clipfrac"],
-                            approx_kl=pg_stats["approx_kl"], entropy=mean_entropy.item())
+            with policy.checkpointing(cfg.gradient_checkpointing):  # recompute activations in backward
+                for mb in loop:
+                    sub = {k: v[mb] for k, v in seq.items()}
+                    m = mask[mb]
+                    # backward inside `using`: gradients only reach adapters that still require them
+                    with policy.using("policy"):
+                        logprobs, entropy = token_logprobs(policy, "policy", sub, cfg.temperature, with_entropy=True)
+                        if loop.single:  # before any update: the sampling policy's log-probs, so steps 3-4 run here
+                            old_logprobs = unshuffle(logprobs, mb)
+                            kl, advantages, returns = advantages_returns(old_logprobs)
+                        pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.clip_range)
+                        mean_entropy = masked_mean(entropy, m)
+                        (pg_loss - cfg.entropy_coef * mean_entropy).backward()
+                    with policy.using("value"):
+                        values = _values(policy, value_head, sub, grad=True)
+                        vf_loss, _ = value_loss(values, old_values[mb], returns[mb], m, cfg.value_clip_range)
+                        (cfg.vf_coef * vf_loss).backward()
+                    run.schedule.hold(iteration)  # progressive unfreezing: groups not yet unfrozen stay still
+                    average_gradients(policy_params + value_params)  # data parallel: the mean over the ranks
+                    run.check_gradients(iteration, torch.nn.utils.clip_grad_norm_(policy_params, cfg.max_grad_norm))
+                    run.check_gradients(iteration, torch.nn.utils.clip_grad_norm_(value_params, cfg.max_grad_norm))
+                    policy_opt.step()
+                    value_opt.step()
+                    policy_opt.zero_grad(set_to_none=True)
+                    value_opt.zero_grad(set_to_none=True)
+                    loop.record(pg_loss=pg_loss.item(), vf_loss=vf_loss.item(), clipfrac=pg_stats["clipfrac"],
+                                approx_kl=pg_stats["approx_kl"], entropy=mean_entropy.item())
             run.timing["train"] += time.time() - t0
             run.sync()
             kl_per_seq = (kl * mask).sum(1).mean().item()
@@ -172,7 +188,8 @@ def _values(policy, head, seq, grad: bool = False):
     import torch
 
     with torch.set_grad_enabled(grad), policy.using("value"):
-        hidden = policy.backbone()(input_ids=seq["input_ids"], attention_mask=seq["attention_mask"]).last_hidden_state
+        hidden = policy.backbone()(input_ids=seq["input_ids"], attention_mask=seq["attention_mask"],
+                                   use_cache=False).last_hidden_state
     index = seq["positions"][:, :, None].expand(-1, -1, hidden.shape[-1])
     with torch.set_grad_enabled(grad):
         return head(hidden.gather(1, index)).squeeze(-1).float()

@@ -103,40 +103,44 @@ class RewardStage:
             scheduler.load_state_dict(resumed["scheduler"])
             checkpoint.set_python_rng_state(rng, resumed["rng"])
         monitor = GradNormMonitor(ctx.label, ctx.dir)
-        while step < total:
-            if unfreezing is not None:
-                unfreezing.apply(step, step / steps_per_epoch)
-            for _ in range(cfg.gradient_accumulation_steps):
-                if len(order) < cfg.batch_size * world:
-                    order = list(range(len(rows)))
-                    rng.shuffle(order)  # the same order on every rank (same seed); each takes its own share
-                block, order = order[: cfg.batch_size * world], order[cfg.batch_size * world :]
-                batch = [rows[i] for i in block[rank::world]]
-                seen += len(batch)
-                chosen, rejected = train_rewards(batch, "chosen"), train_rewards(batch, "rejected")
-                margin = torch.tensor([float(r.get("margin", cfg.margin)) for r in batch])
-                loss = bradley_terry_loss(chosen, rejected, margin)
-                if cfg.center_rewards_coefficient:
-                    loss = loss + cfg.center_rewards_coefficient * ((chosen + rejected) ** 2).mean()
-                (loss / cfg.gradient_accumulation_steps).backward()
-            if unfreezing is not None:  # groups not yet unfrozen stay still (the adapter switch re-enables them)
-                unfreezing.hold(step, step / steps_per_epoch)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            monitor.check(step + 1, float(grad_norm))  # NaN/inf stops before the step; spikes are logged
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            accuracy = (chosen > rejected).float().mean().item()
-            recent = (recent + [(loss.item(), accuracy)])[-50:]
-            if step % ctx.pipeline.logging.log_every == 0 or step == total:
-                ctx.logger.log(step, {"loss": loss.item(), "accuracy": accuracy, "grad_norm": float(grad_norm),
-                                      "margin": (chosen - rejected).mean().item(), "learning_rate": scheduler.get_last_lr()[0]})
-            if world == 1 and checkpoint.due(ctx, step, cfg.checkpoint_every, total):
-                state = {"step": step, "order": order, "recent": recent, "seen": seen,
-                         "scheduler": scheduler.state_dict(), "rng": checkpoint.python_rng_state(rng)}
-                checkpoint.write_stage_checkpoint(ctx, step, adapters, head_tensors,
-                                                  {"optimizer": optimizer}, state)
+        if not cfg.gradient_checkpointing and getattr(scorer.base, "is_gradient_checkpointing", False):
+            scorer.base.gradient_checkpointing_disable()  # a trainer earlier in this process turned it on
+        with scorer.checkpointing(cfg.gradient_checkpointing):  # recompute activations in backward
+            while step < total:
+                if unfreezing is not None:
+                    unfreezing.apply(step, step / steps_per_epoch)
+                for _ in range(cfg.gradient_accumulation_steps):
+                    if len(order) < cfg.batch_size * world:
+                        order = list(range(len(rows)))
+                        rng.shuffle(order)  # the same order on every rank (same seed); each takes its own share
+                    block, order = order[: cfg.batch_size * world], order[cfg.batch_size * world :]
+                    batch = [rows[i] for i in block[rank::world]]
+                    seen += len(batch)
+                    chosen, rejected = train_rewards(batch, "chosen"), train_rewards(batch, "rejected")
+                    margin = torch.tensor([float(r.get("margin", cfg.margin)) for r in batch])
+                    loss = bradley_terry_loss(chosen, rejected, margin)
+                    if cfg.center_rewards_coefficient:
+                        loss = loss + cfg.center_rewards_coefficient * ((chosen + rejected) ** 2).mean()
+                    (loss / cfg.gradient_accumulation_steps).backward()
+                if unfreezing is not None:  # groups not yet unfrozen stay still (the adapter switch re-enables them)
+                    unfreezing.hold(step, step / steps_per_epoch)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                monitor.check(step + 1, float(grad_norm))  # NaN/inf stops before the step; spikes are logged
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                accuracy = (chosen > rejected).float().mean().item()
+                recent = (recent + [(loss.item(), accuracy)])[-50:]
+                if step % ctx.pipeline.logging.log_every == 0 or step == total:
+                    ctx.logger.log(step, {"loss": loss.item(), "accuracy": accuracy, "grad_norm": float(grad_norm),
+                                          "margin": (chosen - rejected).mean().item(),
+                                          "learning_rate": scheduler.get_last_lr()[0]})
+                if checkpoint.due(ctx, step, cfg.checkpoint_every, total):  # multi-process: rank 0 writes, all wait
+                    state = {"step": step, "order": order, "recent": recent, "seen": seen,
+                             "scheduler": scheduler.state_dict(), "rng": checkpoint.python_rng_state(rng)}
+                    checkpoint.write_stage_checkpoint(ctx, step, adapters, head_tensors,
+                                                      {"optimizer": optimizer}, state)
         scorer.model.eval()
         if unfreezing is not None:
             unfreezing.on_train_end(None, None, None)  # the method's trainable set, as it was

@@ -154,7 +154,6 @@ class SFTStage:
             completion_only_loss=cfg.completion_only_loss if fmt == "prompt_completion" else None,
             eval_strategy="steps" if eval_rows and cfg.eval_steps else "no",
             eval_steps=cfg.eval_steps,
-            **self.method(ctx).trainer_args(),
         )
         trainer = self.trainer_class(ctx)(
             model=model,

@@ -72,3 +72,17 @@ def test_bad_json_line_and_non_utf8(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(UserError, match="not found"):
         load_rows(str(tmp_path / "nope.jsonl"))
+
+
+def test_row_location_names_the_line_an_editor_shows(tmp_path):
+    from alignment.data import load_rows, row_location
+
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"a": 1}\n\n{"a": 2}\n{"a": 3}\n')
+    assert [r["a"] for r in load_rows(str(jsonl))] == [1, 2, 3]
+    assert [row_location(str(jsonl), i) for i in range(3)] == ["line 1", "line 3", "line 4"]  # blank lines count
+    table = tmp_path / "d.csv"
+    table.write_text('a,b\n1,2\n\n"two\nlines",3\n4,5\n')  # header, a blank line, a quoted field over two lines
+    assert [r["a"] for r in load_rows(str(table))] == ["1", "two\nlines", "4"]
+    assert [row_location(str(table), i) for i in range(3)] == ["line 2", "line 4", "line 6"]
+    assert row_location("toy:prompts", 4) == "row 5"  # no file lines to point at: the 1-based row

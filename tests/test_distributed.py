@@ -66,3 +66,63 @@ def test_shipped_accelerate_configs_are_valid_accelerate_configs(path):
     assert str(config.distributed_type).split(".")[-1] in {"MULTI_GPU", "DEEPSPEED", "FSDP"}
     assert config.num_processes >= 2 and config.mixed_precision == "bf16"
     assert f"accelerate launch --config_file configs/accelerate/{path.name}" in path.read_text()
+
+
+def _launch(config: Path, cwd: Path, *overrides: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of 2 CPU processes (gloo) on a free port; ``kill_at``: both ranks SIGKILL themselves
+    at that point (alignment/faults.py), as a pre-empted machine would kill them."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("ALIGNMENT_TEST_KILL_AT", None)
+    if kill_at:
+        env["ALIGNMENT_TEST_KILL_AT"] = kill_at
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           "-m", "alignment", "run", str(config), *overrides]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_two_process_run_killed_in_reward_and_ppo_resumes_to_the_same_result(tmp_path, toy_dir):
+    """Data parallel stages of our own loops checkpoint too: rank 0 writes, with every rank's own state (torch and
+    Python RNGs, the running reward normaliser, counters), and every rank resumes from it. Kill -9 both ranks inside
+    the reward stage, then inside PPO; the rerun ends with the numbers, logs and weights of an uninterrupted run."""
+    from tests.test_resume import logged, without_timing
+
+    config = tmp_path / "ddp.yaml"
+    config.write_text(
+        "name: ddp\nrollout: {engine: hf}\nlogging: {log_every: 1}\nstages:\n  - kind: sft\n    max_steps: 2\n"
+        "  - kind: reward\n    max_steps: 4\n    checkpoint_every: 2\n"
+        "  - kind: ppo\n    iterations: 3\n    batch_size: 4\n    minibatch_size: 4\n    max_new_tokens: 8\n"
+        "    checkpoint_every: 1\n    reward_normalization: running\n")
+    out = f"output_dir={tmp_path}"
+    ref = _launch(config, tmp_path, out, "name=reference")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    killed = _launch(config, tmp_path, out, kill_at="1-reward:step:3")  # after step 3, before its checkpoint
+    assert killed.returncode != 0 and "stage 1 (reward) done" not in killed.stderr, killed.stderr[-3000:]
+    killed = _launch(config, tmp_path, out, kill_at="2-ppo:step:2")
+    assert killed.returncode != 0, killed.stderr[-3000:]
+    assert "resuming 1-reward from iter-00002" in killed.stderr and "stage 1 (reward) done" in killed.stderr
+    final = _launch(config, tmp_path, out)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert "resuming 2-ppo from iter-00001" in final.stderr
+
+    run, reference = tmp_path / "ddp", tmp_path / "reference"
+    got, want = (json.loads((r / "summary.json").read_text()) for r in (run, reference))
+    assert [s["status"] for s in got["stages"]] == ["skipped", "skipped", "done"]
+    for g, w in zip(got["stages"], want["stages"]):
+        assert without_timing(g["metrics"]) == without_timing(w["metrics"]), g["dir"]
+    for stage in ("1-reward", "2-ppo"):
+        assert logged(run / stage) == logged(reference / stage), stage
+    # each rank trained on the same prompts and ended with the same weights as in the uninterrupted run
+    ranks = r"rank (\d)/2: ppo on (\d+) prompts \(digest (\w+), policy checksum ([-\d.]+)\)"
+    assert sorted(re.findall(ranks, final.stderr)) == sorted(re.findall(ranks, ref.stderr))
+    assert len(re.findall(ranks, final.stderr)) == 2
+    reward = r"rank (\d)/2: trained on (\d+) pairs \(weights checksum ([-\d.]+)\)"
+    assert sorted(re.findall(reward, killed.stderr)) == sorted(re.findall(reward, ref.stderr))
+    for name in ("1-reward/reward_model", "2-ppo/adapters/policy"):
+        for f in (run / name).glob("*.safetensors"):
+            assert f.read_bytes() == (reference / name / f.name).read_bytes(), f

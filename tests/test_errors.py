@@ -259,9 +259,11 @@ def empty_field(tmp, toy_dir, trained):
     return run(tmp, toy_dir, [sft(data=d)])
 
 
-@case("stages.1.data: row 0: label must be true/false (desirable or not), got 'maybe'")
+@case("stages.1.data: '{d}' line 3: label must be true/false (desirable or not), got 'maybe'")
 def wrong_label_values(tmp, toy_dir, trained):
-    d = data(tmp, "d.jsonl", '{"prompt": "a", "completion": "b", "label": "maybe"}\n')
+    # the second row is on line 3 of the file (the blank line counts): the error names the line an editor shows
+    d = data(tmp, "d.jsonl", '{"prompt": "a", "completion": "b", "label": true}\n\n'
+                             '{"prompt": "a", "completion": "b", "label": "maybe"}\n')
     return after_trained(tmp, trained, {"kind": "kto", "data": d, "max_steps": 1})
 
 
@@ -352,7 +354,7 @@ def run_name_reused_with_another_model(tmp, toy_dir, trained):
     return ["run", str(write_yaml(tmp / "c.yaml", {**raw, "model": str(other), "output_dir": str(tmp / "runs")}))]
 
 
-@case("reward.function: cannot load 'no_such_module:score'")
+@case("stages.1.reward: cannot load 'no_such_module:score' (No module named 'no_such_module'); check the module")
 def reward_function_not_importable(tmp, toy_dir, trained):
     return after_trained(tmp, trained, {"kind": "grpo", "reward": "no_such_module:score", "iterations": 1})
 

@@ -36,10 +36,10 @@ def test_critic_free_stages_raise_the_learned_reward_with_vllm(ppo_run, tmp_path
     lines = [json.loads(x) for x in (tmp_path / run_dir.name / f"2-{kind}" / "metrics.jsonl").read_text().splitlines()]
     first, last = [x["reward"] for x in lines[:10]], [x["reward"] for x in lines[-10:]]
     assert sum(last) / 10 > sum(first) / 10 + 0.3  # the learned reward rises (measured ~0.0 -> ~0.5)
-    # gold follows the learned reward (the target is +0.20 over SFT; toy v14 measured 0.442 -> 0.853 GRPO,
-    # 0.849 RLOO; the README has the current figures)
+    # gold follows the learned reward: the target is +0.20 over SFT (toy v15 measured 0.551 -> 0.939 GRPO,
+    # 0.906 RLOO; the README has the current figures)
     sft = summary["stages"][0]["metrics"]
-    assert m["gold_reward"] > sft["gold_reward"] and m["gold_content"] > sft["gold_content"]
+    assert m["gold_reward"] >= sft["gold_reward"] + 0.20 and m["gold_content"] > sft["gold_content"]
     for key in ("reward", "kl", "kl_loss", "entropy", "approx_kl", "clipfrac", "reward_std_in_group", "time_generate"):
         assert key in lines[-1], key
     assert "value" not in stage["artifacts"]  # no critic

@@ -83,3 +83,42 @@ def test_tokenizer_without_pad_or_chat_template_gets_defaults(toy_dir):
     assert tok.pad_token == "</s>"
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert text == "user : hi\nassistant : "
+
+
+def test_gradient_checkpointing_saves_fewer_activations_and_gives_the_same_gradients(policy):
+    """Inside `policy.checkpointing()` the decoder layers keep only their inputs for backward; the gradients are the
+    same, and outside the block the model is back in eval mode with its KV cache (generation is unchanged)."""
+    policy.add_adapter("policy", AdapterConfig(r=4))
+    policy.activate("policy")
+    with torch.no_grad():  # LoRA B starts at zero: make the adapter matter
+        for n, p in policy.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    policy.model.eval()
+    ids = torch.randint(3, policy.base.config.vocab_size, (4, 24))
+
+    def step(on: bool):
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        policy.model.zero_grad(set_to_none=True)
+        with policy.checkpointing(on), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            policy.model(input_ids=ids, use_cache=False).logits.float().logsumexp(-1).mean().backward()
+        return sum(saved), {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None}
+
+    plain_bytes, plain = step(False)
+    ckpt_bytes, ckpt = step(True)
+    assert plain.keys() == ckpt.keys() and len(plain) > 0
+    for n in plain:
+        assert torch.allclose(plain[n], ckpt[n], atol=1e-6), n
+    assert ckpt_bytes < 0.5 * plain_bytes, (ckpt_bytes, plain_bytes)
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in policy.base.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert layers and not any(m.training for m in layers)  # eval again after the block
+    with torch.no_grad():
+        out = policy.model.generate(input_ids=ids[:1, :5], max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == 8

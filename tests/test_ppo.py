@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from alignment.config import AdapterConfig
@@ -112,3 +113,45 @@ def test_ppo_with_the_toy_gold_reward_on_the_hf_engine(tmp_path):
     assert "rollout engine: hf (sync: shared)" in proc.stderr
     stage = json.loads((tmp_path / "runs" / "gold" / "summary.json").read_text())["stages"][1]
     assert stage["engine"] == "hf" and stage["status"] == "done" and "gold_reward" in stage["metrics"]
+
+
+@pytest.mark.parametrize("kind", ["ppo", "grpo"])
+def test_one_pass_over_one_minibatch_takes_old_logprobs_from_the_training_forward(tmp_path, monkeypatch, kind):
+    """ppo_epochs 1 x one minibatch holding the batch: the training forward runs before any update, so the loop takes
+    the sampling policy's log-probs from it instead of a separate no-grad pass. Same numbers either
+    way: the separate passes are forced back by patching `Minibatches.single` and the two runs are compared."""
+    import shutil
+
+    from alignment.pipeline import Pipeline
+    from stages.online import Minibatches
+
+    cfg = tmp_path / "c.yaml"
+    group = "    group_size: 2\n    batch_size: 4\n" if kind == "grpo" else "    batch_size: 8\n"
+    cfg.write_text(
+        "name: c\nrollout: {engine: hf}\nseed: 3\nstages:\n  - kind: sft\n    max_steps: 20\n"
+        f"  - kind: {kind}\n    reward: toy_gold\n    iterations: 3\n{group}    minibatch_size: 8\n    ppo_epochs: 1\n"
+        "    target_kl: null\n    learning_rate: 0.001\n"
+    )
+    Pipeline.from_yaml(cfg, [f"output_dir={tmp_path}/a"]).run()
+    shutil.copytree(tmp_path / "a" / "c" / "0-sft", tmp_path / "b" / "c" / "0-sft")  # the same SFT policy, skipped
+    monkeypatch.setattr(Minibatches, "single", property(lambda self: False))
+    Pipeline.from_yaml(cfg, [f"output_dir={tmp_path}/b"]).run()
+
+    def lines(side):
+        return [json.loads(x) for x in (tmp_path / side / "c" / f"1-{kind}" / "metrics.jsonl").read_text().splitlines()]
+
+    folded, separate = lines("a"), lines("b")
+    assert len(folded) == len(separate) == 3
+    for f, s in zip(folded, separate):
+        for key in ("reward", "kl", "pg_loss", "approx_kl", "entropy") + (("vf_loss",) if kind == "ppo" else ()):
+            assert f[key] == pytest.approx(s[key], abs=1e-4), (key, f[key], s[key])
+    assert folded[0]["approx_kl"] == pytest.approx(0.0, abs=1e-6)  # ratio 1 at the single update: old == current
+    from safetensors.torch import load_file
+
+    weights = [load_file(next((tmp_path / side / "c" / f"1-{kind}").rglob("policy/adapter_model.safetensors")))
+               for side in ("a", "b")]
+    for name, tensor in weights[0].items():
+        assert torch.allclose(tensor, weights[1][name], atol=1e-5), name
+    sft = load_file(next((tmp_path / "a" / "c" / "0-sft").rglob("adapter_model.safetensors")))
+    changed = sum(not torch.equal(sft[n], t) for n, t in weights[0].items() if n in sft)
+    assert changed > 0  # the policy did train

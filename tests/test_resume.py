@@ -57,6 +57,11 @@ def without_timing(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not k.startswith(TIMING)}
 
 
+def logged(stage_dir: Path) -> list[dict]:
+    """A stage's metrics.jsonl lines without their timings."""
+    return [without_timing(json.loads(x)) for x in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_kill_at_six_points_across_four_stages_then_resume_matches_uninterrupted(tmp_path, toy_dir):
     config = pipeline(tmp_path, toy_dir)
     from alignment.pipeline import Pipeline
@@ -219,3 +224,88 @@ def test_a_skipped_stage_whose_artifact_was_deleted_runs_again(tmp_path, toy_dir
     echo.CALLS.clear()
     summary = Pipeline(config_from_dict(raw)[0]).run()
     assert echo.CALLS == ["s0"] and [s["status"] for s in summary["stages"]] == ["done", "skipped"]
+
+
+def test_vllm_ppo_killed_and_resumed_samples_the_same_rollouts(tmp_path, toy_dir):
+    """With the vLLM engine each request samples with its own seed (run seed, iteration, place in the batch), so
+    the engine's RNG history does not matter: kill -9 inside PPO, rerun, and every iteration's numbers and the final
+    metrics equal an uninterrupted run's."""
+    pytest.importorskip("vllm")
+    raw = {
+        "name": "vllm", "model": str(toy_dir / "model"), "output_dir": str(tmp_path / "runs"),
+        "rollout": {"engine": "vllm", "memory_fraction": 0.1},  # a small KV cache: the toy needs little
+        "stages": [
+            {"kind": "sft", "max_steps": 2, "batch_size": 8, "max_samples": 32},
+            {"kind": "ppo", "reward": "toy_gold", "reward_normalization": "running", "iterations": 3,
+             "batch_size": 4, "minibatch_size": 2, "max_new_tokens": 8, "checkpoint_every": 1},
+        ],
+    }
+    config = tmp_path / "vllm.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    rc, err = run_forked(["run", str(config), "name=reference"], tmp_path / "stderr-reference.txt")
+    assert rc == 0, err[-3000:]
+    rc, err = cli(tmp_path, config, kill_at="1-ppo:step:2")
+    assert rc == -signal.SIGKILL, err[-3000:]
+    rc, err = cli(tmp_path, config)
+    assert rc == 0, err[-3000:]
+    assert "rollout engine: vllm" in err and "resuming 1-ppo from iter-00001" in err
+    run, ref = tmp_path / "runs" / "vllm", tmp_path / "runs" / "reference"
+    got, want = (json.loads((r / "summary.json").read_text()) for r in (run, ref))
+    assert [s["status"] for s in got["stages"]] == ["skipped", "done"]
+    assert without_timing(got["stages"][1]["metrics"]) == without_timing(want["stages"][1]["metrics"])
+    lines, ref_lines = logged(run / "1-ppo"), logged(ref / "1-ppo")
+    assert [x["step"] for x in lines] == [1, 2, 3] and lines == ref_lines
+
+
+def test_adapter_fusion_killed_mid_stage_resumes_to_the_same_fusion(tmp_path, toy_dir):
+    """The fusion stage's own loop checkpoints (fusion layers, optimiser, scheduler, RNGs, step, the rest of the
+    epoch's order): kill -9 after step 3 (mid-epoch: 24 rows in batches of 8), rerun, and the fusion weights, the
+    logged steps and the evaluated routing equal an uninterrupted run's."""
+    fast = {"max_steps": 4, "batch_size": 8}
+    raw = {
+        "name": "fusion", "model": "toy", "output_dir": str(tmp_path / "runs"), "logging": {"log_every": 1},
+        "continual": {"evaluate": "all", "eval_samples": 16},
+        "stages": [
+            {"kind": "sft", "data": "toy:task/sentiment", "adapter_name": "sentiment", **fast},
+            {"kind": "sft", "data": "toy:task/number", "adapter_name": "number", **fast},
+            {"kind": "adapter_fusion", "adapters": ["sentiment", "number"], "samples_per_task": 12, "max_steps": 5,
+             "batch_size": 8, "checkpoint_every": 2},
+        ],
+    }
+    config = tmp_path / "fusion.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    rc, err = run_forked(["run", str(config), "name=reference"], tmp_path / "stderr-reference.txt")
+    assert rc == 0, err[-3000:]
+    rc, err = cli(tmp_path, config, kill_at="2-adapter_fusion:step:3")
+    assert rc == -signal.SIGKILL, err[-3000:]
+    rc, err = cli(tmp_path, config)
+    assert rc == 0, err[-3000:]
+    assert "resuming 2-adapter_fusion from iter-00002" in err
+    run, ref = tmp_path / "runs" / "fusion", tmp_path / "runs" / "reference"
+    got, want = (json.loads((r / "summary.json").read_text()) for r in (run, ref))
+    assert [s["status"] for s in got["stages"]] == ["skipped", "skipped", "done"]
+    g, w = got["stages"][2], want["stages"][2]
+    assert without_timing(g["metrics"]) == without_timing(w["metrics"])
+    assert g["fusion_weights"] == w["fusion_weights"] and g["task_accuracy"] == w["task_accuracy"]
+    lines, ref_lines = logged(run / "2-adapter_fusion"), logged(ref / "2-adapter_fusion")
+    assert [x["step"] for x in lines] == [1, 2, 3, 4, 5] and lines == ref_lines
+    weights = "2-adapter_fusion/fusion/fusion.safetensors"
+    assert (run / weights).read_bytes() == (ref / weights).read_bytes()
+    assert not (run / "2-adapter_fusion" / "checkpoints").exists()  # removed once the stage is DONE
+
+
+def test_a_checkpoint_of_another_number_of_processes_is_refused(tmp_path):
+    """Data shards and per-rank states belong to the process count that wrote them: resuming a 2-process checkpoint
+    in one process is one clear error, not a silently different run."""
+    import random
+    from types import SimpleNamespace
+
+    from alignment.errors import UserError
+
+    folder = tmp_path / "1-reward" / "checkpoints" / "iter-00002"
+    state = {"python_rng": checkpoint.python_rng_state(random.Random(0)), "world_size": 2}
+    checkpoint.save_online_checkpoint(folder, 2, {}, {}, {**state, "ranks": [state, state]})
+    ctx = SimpleNamespace(resume=folder, label="stages.1 (reward)", dir=tmp_path / "1-reward")  # no adapters to load
+    with pytest.raises(UserError, match=r"stages.1 \(reward\): .*iter-00002 was written by 2 process\(es\), this run "
+                                         r"has 1; rerun with the same number of processes"):
+        checkpoint.read_stage_checkpoint(ctx, (), {}, {})

@@ -78,3 +78,27 @@ def test_sleep_mode_is_for_gpus():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="rollout.sleep: vLLM's sleep mode needs a GPU"):
             resolve_sleep("on")
+
+
+def test_seeded_requests_sample_the_same_whatever_came_before(policies):
+    """Each request's own seed (``rollout.request_seed``: run seed, iteration, place in the batch) fixes its sample,
+    whatever the engine and torch RNGs went through before: what a resumed run relies on, also when the engine's RNG
+    lives in another process (vLLM's multiprocessing engine, tensor-parallel workers) where no checkpoint reaches it."""
+    from alignment.rollout import request_seed
+    from alignment.rollout.vllm import VLLMEngine
+
+    engine = VLLMEngine(policies, "merged", memory_fraction=0.3, lora_rank=16, max_model_len=128, seed=0)
+    try:
+        seeds = [request_seed(0, 2, i) for i in range(len(PROMPTS))]
+        torch.manual_seed(1)
+        first = engine.generate(PROMPTS, SAMPLE, seeds).response_ids
+        torch.manual_seed(2)
+        unseeded = [engine.generate(PROMPTS, SAMPLE).response_ids for _ in range(2)]  # other draws in between
+        assert engine.generate(PROMPTS, SAMPLE, seeds).response_ids == first
+        assert unseeded[0] != unseeded[1]  # without seeds the samples follow the RNG's history
+        other_iteration = [request_seed(0, 3, i) for i in range(len(PROMPTS))]
+        assert engine.generate(PROMPTS, SAMPLE, other_iteration).response_ids != first
+        assert len(set(map(tuple, first))) > 3  # the same prompt three times: three seeds, different samples
+    finally:
+        engine.close()
+    assert len({request_seed(s, it, i) for s in range(3) for it in range(1, 50) for i in range(64)}) == 3 * 49 * 64

@@ -4,7 +4,8 @@ DIR/<what>.md and DIR/<what>.png (medians of repeats, min..max, spread, load ave
     rollout      tokens/s: raw model.generate, HFEngine, raw vLLM, VLLMEngine; batch sizes; with/without LoRA
     sync         adapter trained -> first token generated with it: LoRA hot-swap and merged reload, per rank
     ppo          one PPO iteration's time split and samples/s, per engine
-    memory       peak PSS of SFT, PPO (HF / vLLM engine) and a four-model-copies baseline
+    memory       peak PSS of SFT, PPO (HF / vLLM engine), each with and without gradient checkpointing, and a
+                 four-model-copies baseline
     compare-trl  samples/s of our PPO/GRPO/RLOO against TRL's GRPOTrainer and RLOOTrainer
 
 Benchmarks print figures; no test asserts a speed. docs/benchmarks.md holds the latest figures.
@@ -23,7 +24,7 @@ BENCHMARKS = ("rollout", "sync", "ppo", "memory", "compare-trl")
 ENGINES = ("hf", "vllm-merged", "vllm-lora")
 ENGINE_CHOICES = {"rollout": ENGINES, "sync": ENGINES[1:], "ppo": ENGINES, "compare-trl": ("vllm", "hf")}
 DEFAULT_ENGINES = {"compare-trl": "vllm"}  # others: every choice
-MEMORY_RUNS = ("imports", "sft", "ppo-hf", "ppo-vllm", "four-copies")
+MEMORY_RUNS = ("imports", "sft", "sft-no-ckpt", "ppo-hf", "ppo-hf-no-ckpt", "ppo-vllm", "four-copies")
 
 
 @dataclasses.dataclass

@@ -4,6 +4,7 @@
     sft          the SFT stage alone, on rows as long as PPO's sequences (prompt + new_tokens words), batch 16
     ppo-hf       the PPO stage (policy + reference + critic + same-base reward adapters), HF engine
     ppo-vllm     the same with the vLLM engine (its weights and KV reservation live in the same process tree)
+    *-no-ckpt    the same without gradient checkpointing (on by default in every training stage, as in TRL)
     four-copies  a baseline: one PPO iteration's work with four separate model copies (policy, reference, critic,
                  reward), as PPO implementations without a shared base hold them
 
@@ -105,7 +106,11 @@ def run(bench: Bench, batch: int, new_tokens: int, runs: list[str]) -> Report:
     for row in report.rows:
         row["vs_sft"] = peaks[row["run"]] / peaks["sft"] if "sft" in peaks else None
     if {"sft", "ppo-hf"} <= set(peaks):
-        report.goal("PPO peak / SFT peak, HF engine", peaks["ppo-hf"] / peaks["sft"], 1.5, higher_is_better=False)
+        report.goal("PPO peak / SFT peak, HF engine, both with gradient checkpointing (the default)",
+                    peaks["ppo-hf"] / peaks["sft"], 1.5, higher_is_better=False)
+    if {"sft-no-ckpt", "ppo-hf-no-ckpt"} <= set(peaks):
+        report.goal("PPO peak / SFT peak, HF engine, both without gradient checkpointing",
+                    peaks["ppo-hf-no-ckpt"] / peaks["sft-no-ckpt"], 1.5, higher_is_better=False)
     if {"ppo-hf", "ppo-vllm"} <= set(peaks):
         report.notes.append(f"vLLM's share (ppo-vllm minus ppo-hf): {(peaks['ppo-vllm'] - peaks['ppo-hf']) / MIB:,.0f} "
                             "MiB (its copy of the weights, KV cache reservation, runtime)")
@@ -121,18 +126,21 @@ def _commands(bench: Bench, batch: int, new_tokens: int, runs: list[str]) -> dic
     commands = {}
     if "imports" in runs:
         commands["imports"] = [sys.executable, "-c", "import torch, transformers, trl, peft"]
-    if "sft" in runs:
-        data = str(sft_rows(bench.out / "memory-sft.jsonl", batch, new_tokens))
-        sft = [{"kind": "sft", "data": data, "max_steps": 3, "batch_size": 16, "eval_fraction": 0.0}]
-        commands["sft"] = [*python, str(write_config(bench, "memory-sft", sft,
-                                                     name=f"bench-{bench.size}-memory-sft"))]
-    engines = [r.removeprefix("ppo-") for r in runs if r.startswith("ppo-")]
-    if engines:  # the PPO runs' first stages, trained here (not measured) unless an earlier bench did
+    for name in ("sft", "sft-no-ckpt"):
+        if name in runs:
+            data = str(sft_rows(bench.out / "memory-sft.jsonl", batch, new_tokens))
+            sft = [{"kind": "sft", "data": data, "max_steps": 3, "batch_size": 16, "eval_fraction": 0.0,
+                    "gradient_checkpointing": name == "sft"}]
+            commands[name] = [*python, str(write_config(bench, f"memory-{name}", sft,
+                                                        name=f"bench-{bench.size}-memory-{name}"))]
+    ppo_runs = [r for r in runs if r.startswith("ppo-")]
+    if ppo_runs:  # the PPO runs' first stages, trained here (not measured) unless an earlier bench did
         run_config(write_config(bench, "memory-prep", PREP_STAGES, measured=False))
-    for engine in engines:
-        stage = online_stage("ppo", 1, batch_size=batch, max_new_tokens=new_tokens, rollout={"engine": engine})
-        commands[f"ppo-{engine}"] = [*python, str(write_config(bench, f"memory-ppo-{engine}",
-                                                               [*PREP_STAGES, stage]))]
+    for name in ppo_runs:
+        engine = name.removeprefix("ppo-").removesuffix("-no-ckpt")
+        stage = online_stage("ppo", 1, batch_size=batch, max_new_tokens=new_tokens, rollout={"engine": engine},
+                             gradient_checkpointing=not name.endswith("-no-ckpt"))
+        commands[name] = [*python, str(write_config(bench, f"memory-{name}", [*PREP_STAGES, stage]))]
     if "four-copies" in runs:
         commands["four-copies"] = [sys.executable, "-m", "alignment.bench.memory", str(bench_model(bench.size)),
                                    str(batch), str(new_tokens), bench.dtype]

@@ -17,6 +17,15 @@ class Sampling:
     top_p: float = 1.0
 
 
+def request_seed(run_seed: int, iteration: int, index: int) -> int:
+    """The sampling seed of one rollout request: a hash of (run seed, online iteration, position of the request in
+    the iteration's global batch), so the same request of a resumed run samples the same tokens (63 bits)."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"{run_seed}:{iteration}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & (2**63 - 1)
+
+
 @dataclasses.dataclass
 class Rollout:
     prompts: list[str]
@@ -31,7 +40,9 @@ class RolloutEngine(Protocol):
     name: str
     sync_mode: str
 
-    def generate(self, prompts: list[str], sampling: Sampling) -> Rollout: ...
+    def generate(self, prompts: list[str], sampling: Sampling, seeds: list[int] | None = None) -> Rollout:
+        """``seeds``: a sampling seed per prompt, for engines whose sampler state a checkpoint cannot hold (vLLM)."""
+        ...
 
     def sync(self, policy) -> float:
         """Hand the engine the policy as it is now; returns seconds spent."""

@@ -18,7 +18,8 @@ class HFEngine:
         """Nothing to free: the HF engine is the training model."""
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], sampling: Sampling) -> Rollout:
+    def generate(self, prompts: list[str], sampling: Sampling, seeds: list[int] | None = None) -> Rollout:
+        """Samples from torch's RNG, which checkpoints save and restore (``seeds`` is for vLLM; unused here)."""
         tok = self.policy.tokenizer
         out = Rollout(list(prompts), [], [], [], [], [])
         side = tok.padding_side

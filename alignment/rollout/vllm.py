@@ -105,14 +105,19 @@ class VLLMEngine:
             self.llm.wake_up()
             self.asleep = False
 
-    def generate(self, prompts: list[str], sampling: Sampling) -> Rollout:
+    def generate(self, prompts: list[str], sampling: Sampling, seeds: list[int] | None = None) -> Rollout:
+        """``seeds``: one sampling seed per prompt (vLLM's per-request generator), so that a request's sample does not
+        depend on the engine's RNG history: a resumed run draws what an uninterrupted one drew. None: the engine's
+        own RNG (seeded once at start-up)."""
         from vllm import SamplingParams
 
         self._wake()
 
-        params = SamplingParams(
-            temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens, logprobs=0
-        )
+        def params_for(seed):
+            return SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
+                                  max_tokens=sampling.max_new_tokens, logprobs=0, seed=seed)
+
+        params = [params_for(s) for s in seeds] if seeds is not None else params_for(None)
         outputs = self.llm.generate(list(prompts), params, lora_request=self.lora_request, use_tqdm=False)
         eos = self.policy.tokenizer.eos_token_id
         out = Rollout(list(prompts), [], [], [], [], [])
