@@ -118,6 +118,17 @@ class TrainingConfig(StageConfig):
     checkpoint_every: int = Field(50, ge=1)  # optimiser steps between checkpoints (a killed run resumes from the last)
 
 
+class ScheduleFields(TrainingConfig):
+    """Layer-wise LR decay and progressive unfreezing (alignment/schedules.py) for a training stage."""
+
+    layer_lr_decay: float | None = Field(None, gt=0.0, le=1.0)  # LLRD: each depth group down: lr * decay
+    unfreeze_every: int | None = Field(None, ge=1)  # progressive unfreezing: one more group (top first) every N ...
+    unfreeze_unit: Literal["steps", "epochs"] = "steps"  # ... steps or epochs
+
+
+SCHEDULE_FIELDS = tuple(ScheduleFields.model_fields.keys() - TrainingConfig.model_fields.keys())
+
+
 class PipelineConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     model: str = "toy"
@@ -158,7 +169,7 @@ class PipelineConfig(Strict):
             "trust_remote_code": self.trust_remote_code,
             "adapter": self.adapter_for(stage).model_dump(mode="json"),
             "rollout": self.rollout_for(stage).model_dump(mode="json") if stage.uses_rollout else None,
-            "stage": stage.model_dump(mode="json", exclude={"adapter", "rollout"}),
+            "stage": stage.model_dump(mode="json", exclude={"adapter", "rollout", *unset_later_fields(stage)}),
             "upstream": upstream,
         }
         if stage.continual_tasks() is not None:  # a chain stage's result includes its evaluation on the chain's tasks
@@ -170,6 +181,20 @@ class PipelineConfig(Strict):
 
     def resolved(self) -> dict:
         return self.model_dump(mode="json")
+
+
+def unset_later_fields(stage: StageConfig) -> set[str]:
+    """Fields a stage kind gained after runs were recorded (the schedules of the reward and offline preference
+    stages), left out of its fingerprint while at their defaults so that earlier runs' stages still match."""
+    if stage.kind in ONLINE_KINDS:
+        return {f for f in ("layer_lr_decay", "unfreeze_every") if getattr(stage, f, None) is None}
+    if stage.kind not in LATER_SCHEDULE_KINDS:
+        return set()
+    return {f for f in SCHEDULE_FIELDS if getattr(stage, f, None) == ScheduleFields.model_fields[f].default}
+
+
+LATER_SCHEDULE_KINDS = ("reward", "dpo", "kto", "orpo")
+ONLINE_KINDS = ("ppo", "grpo", "rloo")
 
 
 # ------------------------------------------------------------------------------------------------ loading

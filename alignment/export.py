@@ -33,6 +33,17 @@ def _is_full_model(folder: Path) -> bool:
     return (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file()
 
 
+def _module_method(folder: Path):
+    """The ``Method`` of a bottleneck / MAM policy folder (our modules, recorded in method.json), else None."""
+    from alignment.methods import BOTTLENECK_FILE, OPTION_CLASSES, method_for
+
+    if not (folder / BOTTLENECK_FILE).is_file() or not (folder / "method.json").is_file():
+        return None
+    options = read_json(folder / "method.json")
+    options.pop("base", None)
+    return method_for(OPTION_CLASSES[options["method"]](**options))
+
+
 def export(run_dir: Path, out: Path, merge: bool) -> Path:
     """Write the run's final policy to ``out``: the peft adapter folder, or with ``merge`` a plain model folder."""
     from alignment.policy import load_tokenizer, resolve_model_path
@@ -41,6 +52,11 @@ def export(run_dir: Path, out: Path, merge: bool) -> Path:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: exists and is not empty; choose a new folder")
+    module = _module_method(folder)
+    if merge and module is not None:
+        raise UserError(f"{folder}: a {module.name} policy has bottleneck modules (down, nonlinearity, up), which "
+                        "cannot be merged into the base's linear weights; export the folder with --out (`alignment "
+                        "generate` samples from it on the HF engine)")
     if not merge or _is_full_model(folder):  # a fully fine-tuned policy is already a plain model folder
         with atomic_dir(out) as tmp:
             shutil.copytree(folder, tmp, dirs_exist_ok=True)
@@ -72,7 +88,18 @@ class Generator:
         if adapter is not None and _is_full_model(adapter):
             model_ref, adapter = str(adapter), None
         self.model_ref = model_ref
-        if adapter is None:  # our engines sample the `policy` adapter: give a plain model an empty (zero) one
+        module = _module_method(adapter) if adapter is not None else None
+        if module is not None:  # bottleneck / MAM: our modules hooked into the base, HF engine only
+            if engine == "vllm":
+                raise UserError(f"{adapter}: a {module.name} policy runs on the HF engine only (vLLM knows no "
+                                "bottleneck modules); use --engine hf")
+            self.policy = SharedPolicy.load(model_ref)
+            module.load(self.policy, "policy", adapter)
+            if "policy" not in self.policy.adapters:  # bottleneck alone: the engine samples a `policy` adapter
+                from alignment.config import AdapterConfig
+
+                self.policy.add_adapter("policy", AdapterConfig(r=8))  # LoRA B is zero: outputs are the model's
+        elif adapter is None:  # our engines sample the `policy` adapter: give a plain model an empty (zero) one
             from alignment.config import AdapterConfig
 
             self.policy = SharedPolicy.load(model_ref)

@@ -33,9 +33,12 @@ if TYPE_CHECKING:
 # ------------------------------------------------------------------------------------------------ options
 
 ALL_STAGES = ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo", "rloo", "ewc", "multitask", "adapter_fusion")
-LORA_TYPED_STAGES = ("sft", "dpo", "kto", "orpo", "ppo", "grpo", "rloo")  # share a PeftModel with LoRA reward/value
-OTHER_PEFT_STAGES = ("sft", "dpo")  # peft forbids mixing adapter types (no LoRA reward/value adapters beside them)
-BASE_WEIGHT_STAGES = ("sft", "ppo")
+LORA_TYPED_STAGES = ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo", "rloo", "ewc", "multitask")  # share a PeftModel with LoRA reward/value
+OTHER_PEFT_STAGES = ("sft", "dpo", "kto", "orpo")  # peft forbids mixing adapter types (no LoRA reward/value adapters beside them)
+BASE_WEIGHT_STAGES = ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo", "rloo", "ewc", "multitask")  # a trained model of its own
+LORA_FAMILY = ("lora", "rslora", "dora", "qlora")
+MODULE_STAGES = ("sft", "dpo", "kto", "orpo", "ewc", "multitask")  # our bottleneck modules (offline preference
+# stages load them onto a fresh copy of the base; continual stages, like SFT, hook them into the shared base for the stage)
 
 
 class MethodOptions(BaseModel):
@@ -320,7 +323,7 @@ class DoraMethod(LoraMethod):
 
 class QLoraMethod(LoraMethod):
     rollout = "hf"
-    stages = LORA_TYPED_STAGES
+    stages = tuple(s for s in LORA_TYPED_STAGES if s not in ("ewc", "multitask"))  # continual: not tried on 4-bit
     note = "the shared base is loaded in 4-bit NF4 (bitsandbytes) for the whole run"
 
     def quantization_config(self):
@@ -346,7 +349,11 @@ class IA3Method(PeftMethod):
 
 
 class PromptLearningMethod(PeftMethod):
-    stages = ("sft",)  # peft cannot load a saved prompt-learning adapter as trainable, so no later stage continues it
+    # peft saves P-tuning (and prefix tuning with `projection`) as the virtual tokens its encoder computed, not the
+    # encoder: nothing can continue training it. Prefix tuning continues in DPO/KTO/ORPO (policy.load_adapter puts
+    # the saved prefixes into a fresh trainable adapter, as peft refuses is_trainable for prompt learning); prompt
+    # tuning would too, but its virtual tokens lengthen the sequence TRL's preference losses read log-probs from.
+    stages = ("sft",)
     note = "prompt-learning adapters cannot be merged or served by vLLM"
 
     def trainer_args(self):
@@ -354,6 +361,10 @@ class PromptLearningMethod(PeftMethod):
 
 
 class PrefixMethod(PromptLearningMethod):
+
+    @property
+    def stages(self):
+        return ("sft",) if self.options.projection else ("sft", "dpo", "kto", "orpo")
 
     def peft_config(self, model):
         from peft import PrefixTuningConfig
@@ -594,7 +605,7 @@ BOTTLENECK_FILE = "bottleneck.safetensors"
 class BottleneckMethod(Method):
     family = "modules"
     rollout = "hf"
-    stages = ("sft",)
+    stages = MODULE_STAGES
     changes_base = True
     note = "our own modules: neither peft nor vLLM know them"
 
@@ -637,6 +648,7 @@ class BottleneckMethod(Method):
 
 class MamMethod(BottleneckMethod):
     family = "modules"
+    stages = ("sft",)
     note = "prefix tuning (peft) + our parallel bottleneck: HF engine only"
 
     def insert(self, policy):
@@ -713,6 +725,11 @@ def config_problems(config) -> list[str]:
     for i, stage in enumerate(config.stages):
         where = f"stages.{i}.adapter" if stage.adapter is not None else "adapter"
         problems += stage_problems(i, stage.kind, config.adapter_for(stage), where)
+        options = config.adapter_for(stage)
+        if stage.kind == "ewc" and getattr(stage, "objective", "sft") == "dpo" and options.method not in LORA_FAMILY:
+            problems.append(f"{where}.method: an `ewc` stage with `objective: dpo` trains a LoRA-family adapter only "
+                            f"(TRL's in-model `ref` copy of it is the reference), not {options.method!r}; use "
+                            "`objective: sft` or a LoRA-family method (lora, rslora, dora, qlora)")
         if stage.adapter is not None and stage.adapter.method == "qlora" and config.adapter.method != "qlora":
             problems.append(f"stages.{i}.adapter.method: qlora quantises the shared base for the whole run; set "
                             "`method: qlora` in the top-level `adapter:` block instead")
@@ -821,7 +838,7 @@ def online_policy(ctx):
     from alignment.metrics import console
 
     console.print(f"adapter.method {method.name}: the policy trains base weights; reference and reward/value "
-                  f"adapters use frozen copies ({memory_note(policy.base)})")
+                  f"adapters use frozen copies ({memory_note(policy.base, where=' in online stages')})")
     return FrozenBasePolicy(policy, method, ctx.artifact("policy"))
 
 
@@ -847,9 +864,9 @@ def parameter_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not adapter.search(n))
 
 
-def memory_note(model) -> str:
+def memory_note(model, copies: int = 2, where: str = "") -> str:
     mb = parameter_bytes(model) / 2**20
-    return f"+2 copies of the base weights in online stages: +{2 * mb:.1f} MiB"
+    return f"+{copies} cop{'y' if copies == 1 else 'ies'} of the base weights{where}: +{copies * mb:.1f} MiB"
 
 
 # ------------------------------------------------------------------------------------------------ catalogue
@@ -891,7 +908,9 @@ def catalogue(model_path: str, configured: MethodOptions | None = None) -> list[
         finally:
             log.level = level
         if isinstance(method, BaseWeightMethod):
-            memory = f"online: frozen copies for reference + reward/value, +{2 * size / 2**20:.1f} MiB"
+            memory = f"after SFT: a trained copy + a frozen reference copy, +{2 * size / 2**20:.1f} MiB"
+        elif isinstance(method, BottleneckMethod) and method.stages != ("sft",):
+            memory = f"DPO/KTO/ORPO: a trained copy + a frozen reference copy, +{2 * size / 2**20:.1f} MiB"
         elif name == "qlora":
             memory = "shared base in 4-bit"
         else:

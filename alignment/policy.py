@@ -73,6 +73,15 @@ def prepare_tokenizer(tokenizer, path: str = "the model"):
     return tokenizer
 
 
+def _plain_cpu_4bit(model) -> None:
+    """bitsandbytes 0.50 repacks a 4-bit weight for its AVX512-BF16 CPU kernel on the first eval-mode, no-grad
+    forward, and that fails when the layer's input size is not a multiple of the quantisation block (64): the toy's
+    MLP down projection (352 inputs) raises a shape error. Keep the generic 4-bit path (the one training uses)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 class SharedPolicy:
     """One base model; named adapters on it. ``model`` is the PeftModel once an adapter exists, else the base."""
 
@@ -105,6 +114,8 @@ class SharedPolicy:
                 f"model: cannot load {model_ref!r} ({first}); use `toy`, a local model folder, or a hub id that is "
                 "already in the local Hugging Face cache"
             ) from None
+        if quantization is not None:
+            _plain_cpu_4bit(base)
         if torch.cuda.is_available() and quantization is None:
             base = base.to("cuda")
         base.config.use_cache = True
@@ -147,6 +158,8 @@ class SharedPolicy:
 
         path = Path(path)
         self.check_adapter_base(path)
+        if trainable and self._load_prompt_learning(name, path):
+            return
         if name in self.adapters:
             self.delete_adapter(name)
         if self.model is self.base:
@@ -158,6 +171,25 @@ class SharedPolicy:
         else:
             self.frozen.add(name)
         self.activate(name, trainable=trainable)
+
+    def _load_prompt_learning(self, name: str, path: Path) -> bool:
+        """peft refuses to load a saved prompt-learning adapter as trainable; its saved virtual tokens put into a
+        fresh trainable adapter of the same config are the same adapter (prefix and prompt tuning: what peft saves
+        is the trained embedding itself). False when the folder is not prompt learning."""
+        from peft import PeftConfig
+        from safetensors.torch import load_file
+
+        config = PeftConfig.from_pretrained(str(path))
+        if not config.is_prompt_learning:
+            return False
+        if config.peft_type == "P_TUNING" or getattr(config, "prefix_projection", False):
+            raise UserError(f"{path}: peft saves this {config.peft_type} adapter as its computed virtual tokens, not "
+                            "the prompt encoder that produced them, so it cannot be trained further; use prefix "
+                            "tuning without `projection`, or prompt tuning")
+        config.inference_mode = False
+        self.attach(name, config, load_file(str(path / "adapter_model.safetensors")), trainable=True)
+        self.activate(name, trainable=True)
+        return True
 
     def save_adapter(self, name: str, path: Path) -> None:
         """Write adapter ``name`` as a stock peft folder at ``path`` (atomically: temp folder, then rename)."""

@@ -125,10 +125,11 @@ class StageContext:
         console.print("  task accuracy: " + "  ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
         return {"task_accuracy": accuracy}
 
-    def gold_scores(self) -> list[float] | None:
-        """Toy only: per-prompt gold scores of the policy as it is now (for win rates). None otherwise."""
+    def gold_scores(self, model=None) -> list[float] | None:
+        """Toy only: per-prompt gold scores of ``model`` (default: the policy as it is now) for win rates. None
+        otherwise."""
         if not self.is_toy:
             return None
         from alignment.evaluation import gold_scores
 
-        return gold_scores(self.policy.model, self.policy.tokenizer)
+        return gold_scores(self.policy.model if model is None else model, self.policy.tokenizer)

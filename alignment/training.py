@@ -63,7 +63,7 @@ def trl_args(cfg, ctx) -> dict:
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a value below 1 is a fraction of the steps
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing=method_trainer_args(ctx).get("gradient_checkpointing", cfg.gradient_checkpointing),
         max_length=cfg.max_length,
         logging_steps=ctx.pipeline.logging.log_every,
         save_strategy="steps",  # checkpoints for resume (alignment/trainer_hooks.py marks them complete)
@@ -77,7 +77,15 @@ def trl_args(cfg, ctx) -> dict:
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         dataset_num_proc=None,
+        **{k: v for k, v in method_trainer_args(ctx).items() if k != "gradient_checkpointing"},
     )
+
+
+def method_trainer_args(ctx) -> dict:
+    """The adapter method's own trainer arguments (prompt learning: no gradient checkpointing), over the stage's."""
+    from alignment.methods import method_for
+
+    return method_for(ctx.adapter).trainer_args()
 
 
 class ShardRecorder:

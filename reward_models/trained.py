@@ -3,11 +3,15 @@
 On disk it is a stock peft folder for sequence classification (``task_type: SEQ_CLS``, the head saved as
 ``base_model.model.score.weight``), so ``AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)``
 plus ``PeftModel.from_pretrained(model, folder)`` gives the same scores. In the pipeline it lives on the shared
-base as a named adapter (default ``reward``): no second copy of the base.
+base as a named adapter (default ``reward``): no second copy of the base. The adapter may be any of the LoRA family
+(rsLoRA and DoRA flags are kept). A reward model trained with a base-weight method (full, freeze, ...) is a plain
+model folder with the head in ``score/`` (``save_base_reward_model``); ``TrainedRewardModel.load`` holds it as a
+separate frozen model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -36,7 +40,7 @@ def sequence_rewards(policy, adapter_name: str, head, texts: list[str], max_leng
     finally:
         tokenizer.padding_side = side
     batch = batch.to(head.weight.device)
-    with policy.using(adapter_name):
+    with policy.using(adapter_name) if adapter_name else contextlib.nullcontext():  # None: a plain model
         hidden = policy.backbone()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                    use_cache=False).last_hidden_state
     last = batch["attention_mask"].sum(dim=1) - 1
@@ -68,6 +72,58 @@ def save_reward_model(policy, adapter_name: str, head, folder: Path, stats: dict
         (tmp / STATS_FILE).write_text(json.dumps(stats, indent=2))
 
 
+BASE_SCORE_FILE = "score/score.safetensors"  # outside the model folder's top level, where its weights are globbed
+
+
+def save_base_reward_model(policy, head, folder: Path, stats: dict, options) -> None:
+    """A reward model that trained base weights (full, freeze, ...): a plain model folder, the score head in
+    ``score/``, the method and base in ``method.json`` (atomically)."""
+    from safetensors.torch import save_file
+
+    from alignment.io import atomic_dir
+
+    with atomic_dir(Path(folder)) as tmp:
+        policy.base.save_pretrained(tmp, safe_serialization=True)
+        policy.tokenizer.save_pretrained(tmp)
+        (tmp / "score").mkdir()
+        save_file({SCORE_KEY: head.weight.detach().clone().contiguous()}, str(tmp / BASE_SCORE_FILE))
+        (tmp / "method.json").write_text(json.dumps({**options.model_dump(), "base": policy.model_path}))
+        (tmp / STATS_FILE).write_text(json.dumps(stats, indent=2))
+
+
+def load_base_reward_model(cls, folder: Path, policy, adapter_name: str, **kwargs):
+    """A ``save_base_reward_model`` folder as a separate frozen model (it cannot sit on the shared base)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from alignment.methods import parameter_bytes
+    from alignment.metrics import console
+    from alignment.policy import SharedPolicy, load_tokenizer
+
+    recorded = json.loads((folder / "method.json").read_text()).get("base")
+    if policy is not None and recorded and Path(recorded).exists() and Path(policy.model_path).exists() \
+            and Path(recorded).resolve() != Path(policy.model_path).resolve():
+        raise UserError(f"{folder / 'method.json'}: reward model was trained on base {recorded!r}, not the configured "
+                        f"model {policy.model_path!r}; set `model:` to that base or retrain the reward model")
+    dtype = policy.base.dtype if policy is not None else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    if policy is not None:
+        model = model.to(policy.base.device)
+    model.requires_grad_(False)
+    model.eval()
+    tokenizer = policy.tokenizer if policy is not None else load_tokenizer(str(folder))
+    own = SharedPolicy(model, tokenizer, recorded or str(folder))
+    head_weight = load_file(str(folder / BASE_SCORE_FILE))[SCORE_KEY]
+    head = torch.nn.Linear(head_weight.shape[1], 1, bias=False, dtype=head_weight.dtype)
+    head.weight.data.copy_(head_weight)
+    head.requires_grad_(False)
+    stats_file = folder / STATS_FILE
+    stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
+    console.print(f"reward model {folder.name}: trained base weights; held as a separate frozen model "
+                  f"(+{parameter_bytes(model) / 2**20:.1f} MiB)")
+    return cls(own, None, head.to(model.device), stats=stats, **kwargs)
+
+
 class TrainedRewardModel:
     """Scores with a reward adapter + head on a SharedPolicy (the pipeline's, or one loaded for it)."""
 
@@ -84,6 +140,8 @@ class TrainedRewardModel:
         from safetensors.torch import load_file
 
         folder = Path(folder)
+        if (folder / BASE_SCORE_FILE).exists():
+            return load_base_reward_model(cls, folder, policy, adapter_name, **kwargs)
         config_file, weights_file = folder / "adapter_config.json", folder / "adapter_model.safetensors"
         if not config_file.exists() or not weights_file.exists():
             raise UserError(f"{folder}: not a reward model folder (needs adapter_config.json and adapter_model.safetensors)")
@@ -107,6 +165,8 @@ class TrainedRewardModel:
             target_modules=config["target_modules"],
             task_type="CAUSAL_LM",
             inference_mode=True,
+            use_rslora=bool(config.get("use_rslora", False)),  # the reward stage trains any LoRA-typed method
+            use_dora=bool(config.get("use_dora", False)),
         )
         policy.attach(adapter_name, lora, state, trainable=False)
         head = torch.nn.Linear(head_weight.shape[1], 1, bias=False, dtype=head_weight.dtype)

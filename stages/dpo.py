@@ -13,13 +13,13 @@ from typing import Literal
 
 from pydantic import Field
 
-from alignment.config import DataSource, TrainingConfig
+from alignment.config import DataSource, ScheduleFields
 from alignment.stage import StageContext, StageResult
 
 TRL_TRAINED, TRL_REFERENCE = "default", "ref"  # adapter names hard-coded in TRL's dpo_trainer.py
 
 
-class DPOConfig(TrainingConfig):
+class DPOConfig(ScheduleFields):  # + layer_lr_decay, unfreeze_every, unfreeze_unit (schedules.py)
     kind: Literal["dpo"] = "dpo"
     data: DataSource | None = None  # default: the reward stage's preference data if there is one, else toy:preference
     beta: float = Field(0.1, gt=0)
@@ -50,12 +50,13 @@ class DPOStage:
         from trl import DPOConfig as TRLDPOConfig
         from trl import DPOTrainer
 
+        from alignment.schedules import trainer_schedule
         from alignment.training import trainer_callbacks, trl_args, use_console_progress
 
         cfg, policy = self.config, ctx.policy
         rows, eval_rows, dropped = preference_data(cfg, ctx)
-        sft_adapter = continue_policy_as_default(ctx)
-        sft_scores = ctx.gold_scores()
+        trained = OfflinePolicy(ctx, "DPO")
+        sft_scores = ctx.gold_scores(trained.model)
 
         args = TRLDPOConfig(
             **trl_args(cfg, ctx),
@@ -65,27 +66,30 @@ class DPOStage:
             label_smoothing=cfg.label_smoothing,
             eval_strategy="no",
         )
+        schedule_kwargs, schedule_callbacks = trainer_schedule(cfg, trained.model, switch=trained.separate)  # LLRD, unfreezing
         trainer = DPOTrainer(
-            model=policy.model,
-            ref_model=None,  # TRL copies `default` (our SFT policy) into the frozen `ref` adapter
+            model=trained.model,
+            ref_model=trained.ref_model,  # None: TRL copies `default` (our SFT policy) into the frozen `ref` adapter
             args=args,
             train_dataset=Dataset.from_list(rows),
             eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
             processing_class=policy.tokenizer,
-            callbacks=trainer_callbacks(ctx.logger),
+            callbacks=trainer_callbacks(ctx.logger) + schedule_callbacks,
+            **schedule_kwargs,
         )
+        trained.copy_reference()
         use_console_progress(trainer)
-        record_reference(ctx, rows[:4])
+        record_reference(ctx, rows[:4], trained.ref_model)
         from alignment.trainer_hooks import train
 
         train_loss = train(trainer, ctx)  # checkpoints, resume, NaN guard
-        policy.model.eval()
+        trained.model.eval()
 
         metrics = {"train_loss": round(train_loss, 4), "train_pairs": len(rows), "dropped_pairs": dropped}
         metrics.update(trl_reward_metrics(trainer, bool(eval_rows)))
-        metrics["reference_max_abs_diff"] = reference_drift(policy, sft_adapter)
-        target = save_policy(ctx)
-        metrics.update(ctx.gold_metrics(baseline=sft_scores))
+        metrics["reference_max_abs_diff"] = trained.reference_drift()
+        metrics.update(ctx.gold_metrics(baseline=sft_scores, model=trained.model))
+        target = trained.save()
         return StageResult(metrics=metrics, artifacts={"policy": ctx.relative(target)})
 
 
@@ -116,6 +120,99 @@ def preference_data(cfg, ctx: StageContext) -> tuple[list[dict], list[dict], int
         eval_rows, rows = rows[:n_eval], rows[n_eval:]
     keep = ("prompt", "chosen", "rejected")
     return [{k: r[k] for k in keep} for r in rows], [{k: r[k] for k in keep} for r in eval_rows], dropped
+
+
+class OfflinePolicy:
+    """The model an offline preference stage (DPO, KTO, ORPO) trains, and its frozen reference (``ref_model``).
+
+    peft adapters (the LoRA family, IA3): the `policy` adapter is loaded as TRL's `default` and TRL copies it into
+    a frozen `ref` adapter on the shared base (``ref_model`` None; ORPO has no reference and trains `policy`).
+    Methods that change the base (full, freeze, head, modules, bitfit; our bottleneck modules): nothing may share
+    weights the policy changes, so the SFT policy is loaded onto a fresh copy of the base and trained there, and the
+    reference is a second fresh copy with the SFT policy loaded frozen (two extra copies of the base, said on the
+    console); the shared base is not touched.
+    """
+
+    def __init__(self, ctx: StageContext, stage: str, reference: bool = True):
+        from alignment.errors import UserError
+        from alignment.methods import BaseWeightMethod, BottleneckMethod, MamMethod, memory_note, method_for
+
+        self.ctx, self.reference = ctx, reference
+        self.method = method_for(ctx.adapter)
+        self.sft = ctx.artifact("policy")
+        self.separate = self.method.changes_base
+        self.ref_model = None
+        if not self.separate:
+            if reference:
+                continue_policy_as_default(ctx)
+            else:
+                ctx.policy.load_adapter("policy", self.sft, trainable=True)
+            self.model = ctx.policy.model
+            return
+        if isinstance(self.method, MamMethod) or not isinstance(self.method, (BaseWeightMethod, BottleneckMethod)):
+            raise UserError(f"stages.{ctx.index}.adapter.method: {self.method.name!r} is not supported by {stage}")
+        from alignment.metrics import console
+
+        self.trained = fresh_policy(ctx.policy)
+        self.model = self.method.load(self.trained, "policy", self.sft, trainable=True)
+        if reference:
+            self.ref_model = self.method.load(fresh_policy(ctx.policy), "policy", self.sft).eval()
+            self.ref_model.requires_grad_(False)
+        copies = "its own copy of the base" + (" and the reference is another, frozen copy" if reference else "")
+        console.print(f"adapter.method {self.method.name}: the policy changes base weights; {stage} trains it on "
+                      f"{copies} ({memory_note(ctx.policy.base, 2 if reference else 1)})")
+
+    def copy_reference(self) -> None:
+        """After TRL made its `ref` adapter: load the SFT adapter's weights into it. TRL copies only parameters named
+        `....default....`, which misses adapters whose parameter names end in the adapter name (IA3's
+        `ia3_l.default`): its `ref` would keep IA3's initial scalings, i.e. the bare base, not the SFT policy."""
+        if self.separate or not self.reference or TRL_REFERENCE not in self.ctx.policy.adapters:
+            return
+        from peft import set_peft_model_state_dict
+
+        policy = self.ctx.policy
+        set_peft_model_state_dict(policy.model, policy.adapter_state(TRL_TRAINED), adapter_name=TRL_REFERENCE)
+        for name, param in policy.model.named_parameters():
+            if name.endswith(f".{TRL_REFERENCE}") or f".{TRL_REFERENCE}." in name:
+                param.requires_grad_(False)
+
+    def reference_drift(self) -> float:
+        """Max |reference - the SFT policy on disk|: the reference must still be exactly the SFT policy."""
+        if not self.separate:
+            return reference_drift(self.ctx.policy, self.sft)
+        from safetensors.torch import load_file
+
+        saved = {}
+        for f in sorted(Path(self.sft).glob("*.safetensors")):
+            saved.update(load_file(str(f)))
+        state = self.ref_model.state_dict()
+        return max(float((state[k].float() - v.float()).abs().max()) for k, v in saved.items() if k in state)
+
+    def save(self) -> Path:
+        """This stage's `policy` artifact (an adapter folder, or a model folder for base-weight methods)."""
+        ctx = self.ctx
+        if not self.separate:
+            if not self.reference:
+                target = ctx.dir / "adapters" / "policy"
+                ctx.policy.save_adapter("policy", target)
+                return target
+            return save_policy(ctx)
+        target = ctx.dir / ("model" if self.method.family == "base" else "adapters/policy")
+        self.method.save(self.trained, "policy", target)
+        self.model = self.ref_model = self.trained = None  # the copies go; the shared base was never touched
+        return target
+
+
+def fresh_policy(shared):
+    """A ``SharedPolicy`` on a fresh, frozen copy of the shared policy's base (as loaded from its folder)."""
+    from transformers import AutoModelForCausalLM
+
+    from alignment.policy import SharedPolicy
+
+    base = AutoModelForCausalLM.from_pretrained(shared.model_path, dtype=shared.base.dtype).to(shared.base.device)
+    base.requires_grad_(False)
+    base.config.use_cache = True
+    return SharedPolicy(base, shared.tokenizer, shared.model_path)
 
 
 def continue_policy_as_default(ctx: StageContext) -> Path:
@@ -163,13 +260,18 @@ def trl_reward_metrics(trainer, evaluate: bool) -> dict[str, float]:
     return metrics
 
 
-def record_reference(ctx: StageContext, sample: list[dict]) -> None:
-    """Log-probs of a few chosen answers under TRL's reference adapter (checked against the SFT model in tests)."""
+def record_reference(ctx: StageContext, sample: list[dict], ref_model=None) -> None:
+    """Log-probs of a few chosen answers under the reference: TRL's `ref` adapter, or ``ref_model`` when given
+    (checked against the SFT model in tests)."""
     from alignment.evaluation import completion_logprobs
     from alignment.io import atomic_write_json
 
     policy = ctx.policy
-    with policy.using(TRL_REFERENCE):
-        logps = completion_logprobs(policy.model, policy.tokenizer, [r["prompt"] for r in sample], [r["chosen"] for r in sample])
-    policy.activate(TRL_TRAINED, trainable=True)
+    prompts, chosen = [r["prompt"] for r in sample], [r["chosen"] for r in sample]
+    if ref_model is not None:
+        logps = completion_logprobs(ref_model, policy.tokenizer, prompts, chosen)
+    else:
+        with policy.using(TRL_REFERENCE):
+            logps = completion_logprobs(policy.model, policy.tokenizer, prompts, chosen)
+        policy.activate(TRL_TRAINED, trainable=True)
     atomic_write_json(ctx.dir / "reference_check.json", {"rows": sample, "reference_logprobs": logps})

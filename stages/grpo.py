@@ -69,11 +69,12 @@ class GRPOStage:
 
         from alignment.algorithms.ppo import kl_estimate, masked_mean, policy_loss
 
-        cfg, policy = self.config, ctx.policy
+        cfg = self.config
         run = OnlineRun(ctx, cfg)  # trainable `policy`, frozen SFT `reference`, reward model
+        policy = run.policy  # ctx.policy, or frozen copies around it for a method that trains base weights
         run.start_engine()
         params = run.policy_parameters
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
+        optimizer = run.policy_optimizer()  # grouped by depth with layer_lr_decay / unfreeze_every
         G = cfg.group_size
         first, _ = run.resume(("policy",), {}, {"policy": optimizer})
         if first > 1:
@@ -111,6 +112,7 @@ class GRPOStage:
                                    if cfg.kl_coef else torch.zeros(()))
                         mean_entropy = masked_mean(entropy, m)
                         (pg_loss + cfg.kl_coef * kl_loss - cfg.entropy_coef * mean_entropy).backward()
+                    run.schedule.hold(iteration)  # progressive unfreezing: groups not yet unfrozen stay still
                     average_gradients(params)  # data parallel: the mean over the ranks
                     run.check_gradients(iteration, torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
                     optimizer.step()

@@ -12,12 +12,12 @@ from typing import Literal
 
 from pydantic import Field
 
-from alignment.config import DataSource, TrainingConfig
+from alignment.config import DataSource, ScheduleFields
 from alignment.stage import StageContext, StageResult
-from stages.dpo import continue_policy_as_default, preference_data, reference_drift, save_policy, trl_reward_metrics
+from stages.dpo import OfflinePolicy, preference_data, trl_reward_metrics
 
 
-class KTOConfig(TrainingConfig):
+class KTOConfig(ScheduleFields):  # + layer_lr_decay, unfreeze_every, unfreeze_unit (schedules.py)
     kind: Literal["kto"] = "kto"
     data: DataSource | None = None  # default: the reward stage's preference data if there is one, else toy:preference
     beta: float = Field(0.1, gt=0)
@@ -49,12 +49,13 @@ class KTOStage:
         from trl import KTOConfig as TRLKTOConfig
         from trl import KTOTrainer
 
+        from alignment.schedules import trainer_schedule
         from alignment.training import trainer_callbacks, trl_args, use_console_progress
 
         cfg, policy = self.config, ctx.policy
         rows, eval_rows = self._examples(ctx)
-        sft_adapter = continue_policy_as_default(ctx)
-        sft_scores = ctx.gold_scores()
+        trained = OfflinePolicy(ctx, "KTO")
+        sft_scores = ctx.gold_scores(trained.model)
         args = TRLKTOConfig(
             **trl_args(cfg, ctx),
             beta=cfg.beta,
@@ -62,28 +63,31 @@ class KTOStage:
             undesirable_weight=cfg.undesirable_weight,
             eval_strategy="no",
         )
+        schedule_kwargs, schedule_callbacks = trainer_schedule(cfg, trained.model, switch=trained.separate)  # LLRD, unfreezing
         trainer = _trainer_class(KTOTrainer, cfg.sft_weight)(
-            model=policy.model,
-            ref_model=None,  # TRL copies `default` (our SFT policy) into the frozen `ref` adapter
+            model=trained.model,
+            ref_model=trained.ref_model,  # None: TRL copies `default` (our SFT policy) into the frozen `ref` adapter
             args=args,
             train_dataset=Dataset.from_list(rows),
             eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
             processing_class=policy.tokenizer,
-            callbacks=trainer_callbacks(ctx.logger),
+            callbacks=trainer_callbacks(ctx.logger) + schedule_callbacks,
+            **schedule_kwargs,
         )
+        trained.copy_reference()
         use_console_progress(trainer)
         from alignment.trainer_hooks import train
 
         train_loss = train(trainer, ctx)  # checkpoints, resume, NaN guard
-        policy.model.eval()
+        trained.model.eval()
 
         desirable = sum(r["label"] for r in rows)
         metrics = {"train_loss": round(train_loss, 4), "train_desirable": desirable,
                    "train_undesirable": len(rows) - desirable}
         metrics.update(trl_reward_metrics(trainer, bool(eval_rows)))
-        metrics["reference_max_abs_diff"] = reference_drift(policy, sft_adapter)
-        target = save_policy(ctx)
-        metrics.update(ctx.gold_metrics(baseline=sft_scores))
+        metrics["reference_max_abs_diff"] = trained.reference_drift()
+        metrics.update(ctx.gold_metrics(baseline=sft_scores, model=trained.model))
+        target = trained.save()
         return StageResult(metrics=metrics, artifacts={"policy": ctx.relative(target)})
 
     def _examples(self, ctx: StageContext) -> tuple[list[dict], list[dict]]:

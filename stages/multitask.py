@@ -92,7 +92,9 @@ class MultitaskStage(SFTStage):
         metrics = {"train_loss": round(train_loss, 4), "train_samples": len(rows)}
         metrics.update({f"alpha/{name}": round(a, 4) for name, a in zip(names, self.weighting.alpha)})
         artifact = self._save(ctx)
-        return StageResult(metrics, {cfg.adapter_name: ctx.relative(artifact)}, ctx.task_accuracy())
+        result = StageResult(metrics, {cfg.adapter_name: ctx.relative(artifact)}, ctx.task_accuracy())
+        self.method(ctx).release(ctx.policy, cfg.adapter_name)  # base-weight methods: the shared base as loaded
+        return result
 
     def trainer_class(self, ctx: StageContext):
         return weighted_trainer(super().trainer_class(ctx), self.weighting, ctx.logger)

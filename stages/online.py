@@ -34,6 +34,8 @@ class OnlineConfig(StageConfig):
     ppo_epochs: int = Field(2, ge=1)  # optimisation passes over each batch (TRL: num_iterations)
     learning_rate: float = Field(5e-4, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    layer_lr_decay: float | None = Field(None, gt=0.0, le=1.0)  # LLRD of the policy (alignment/schedules.py)
+    unfreeze_every: int | None = Field(None, ge=1)  # progressive unfreezing of the policy: one more group every N iterations
     gradient_checkpointing: bool = True  # recompute activations in backward: less memory, more compute (TRL's default)
     clip_range: float = Field(0.2, gt=0)
     entropy_coef: float = Field(0.0, ge=0.0)
@@ -80,6 +82,19 @@ class OnlineRun:
     @property
     def policy_parameters(self) -> list:
         return self.policy.adapter_parameters("policy")
+
+    def policy_optimizer(self):
+        """The policy's AdamW; with `layer_lr_decay` / `unfreeze_every` grouped by depth (``self.schedule.hold``
+        then keeps the groups not yet unfrozen still)."""
+        from alignment.methods import num_layers
+        from alignment.schedules import OnlineSchedule
+
+        params = self.policy_parameters
+        ids = {id(p) for p in params}
+        model = self.policy.named_model("policy") if hasattr(self.policy, "named_model") else self.policy.model
+        named = [(n, p) for n, p in model.named_parameters() if id(p) in ids]
+        self.schedule = OnlineSchedule(self.cfg, named, num_layers(self.policy.base), params)
+        return self.schedule.optimizer(self.cfg.learning_rate)
 
     def start_engine(self) -> None:
         from alignment.metrics import console

@@ -11,12 +11,12 @@ from typing import Literal
 
 from pydantic import Field
 
-from alignment.config import DataSource, TrainingConfig
+from alignment.config import DataSource, ScheduleFields
 from alignment.stage import StageContext, StageResult
-from stages.dpo import preference_data, trl_reward_metrics
+from stages.dpo import OfflinePolicy, preference_data, trl_reward_metrics
 
 
-class ORPOConfig(TrainingConfig):
+class ORPOConfig(ScheduleFields):  # + layer_lr_decay, unfreeze_every, unfreeze_unit (schedules.py)
     kind: Literal["orpo"] = "orpo"
     data: DataSource | None = None  # default: the reward stage's preference data if there is one, else toy:preference
     beta: float = Field(0.1, gt=0)  # weight of the odds-ratio term (TRL's ORPO `beta`, the paper's lambda)
@@ -47,30 +47,32 @@ class ORPOStage:
         from trl.experimental.orpo import ORPOConfig as TRLORPOConfig
         from trl.experimental.orpo import ORPOTrainer
 
+        from alignment.schedules import trainer_schedule
         from alignment.training import trainer_callbacks, trl_args, use_console_progress
 
         cfg, policy = self.config, ctx.policy
         rows, eval_rows, dropped = preference_data(cfg, ctx)
-        policy.load_adapter("policy", ctx.artifact("policy"), trainable=True)
-        sft_scores = ctx.gold_scores()
+        trained = OfflinePolicy(ctx, "ORPO", reference=False)
+        sft_scores = ctx.gold_scores(trained.model)
         args = TRLORPOConfig(**trl_args(cfg, ctx), beta=cfg.beta, eval_strategy="no")
+        schedule_kwargs, schedule_callbacks = trainer_schedule(cfg, trained.model, switch=trained.separate)  # LLRD, unfreezing
         trainer = ORPOTrainer(
-            model=policy.model,
+            model=trained.model,
             args=args,
             train_dataset=Dataset.from_list(rows),
             eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
             processing_class=policy.tokenizer,
-            callbacks=trainer_callbacks(ctx.logger),
+            callbacks=trainer_callbacks(ctx.logger) + schedule_callbacks,
+            **schedule_kwargs,
         )
         use_console_progress(trainer)
         from alignment.trainer_hooks import train
 
         train_loss = train(trainer, ctx)  # checkpoints, resume, NaN guard
-        policy.model.eval()
+        trained.model.eval()
 
         metrics = {"train_loss": round(train_loss, 4), "train_pairs": len(rows), "dropped_pairs": dropped}
         metrics.update(trl_reward_metrics(trainer, bool(eval_rows)))
-        target = ctx.dir / "adapters" / "policy"
-        policy.save_adapter("policy", target)
-        metrics.update(ctx.gold_metrics(baseline=sft_scores))
+        metrics.update(ctx.gold_metrics(baseline=sft_scores, model=trained.model))
+        target = trained.save()
         return StageResult(metrics=metrics, artifacts={"policy": ctx.relative(target)})

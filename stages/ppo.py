@@ -80,7 +80,7 @@ class PPOStage:
         run.start_engine()
         policy_params = run.policy_parameters
         value_params = [p for n, p in policy.model.named_parameters() if ".value." in n] + list(value_head.parameters())
-        policy_opt = torch.optim.AdamW(policy_params, lr=cfg.learning_rate)
+        policy_opt = run.policy_optimizer()  # grouped by depth with layer_lr_decay / unfreeze_every
         value_opt = torch.optim.AdamW(value_params, lr=cfg.value_learning_rate)
         kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.adaptive_kl_target, 10_000) if cfg.adaptive_kl_target else None
         kl_coef = cfg.kl_coef
@@ -137,6 +137,7 @@ class PPOStage:
                         values = _values(policy, value_head, sub, grad=True)
                         vf_loss, _ = value_loss(values, old_values[mb], returns[mb], m, cfg.value_clip_range)
                         (cfg.vf_coef * vf_loss).backward()
+                    run.schedule.hold(iteration)  # progressive unfreezing: groups not yet unfrozen stay still
                     average_gradients(policy_params + value_params)  # data parallel: the mean over the ranks
                     run.check_gradients(iteration, torch.nn.utils.clip_grad_norm_(policy_params, cfg.max_grad_norm))
                     run.check_gradients(iteration, torch.nn.utils.clip_grad_norm_(value_params, cfg.max_grad_norm))

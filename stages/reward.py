@@ -13,11 +13,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from alignment.config import DataSource, TrainingConfig
+from alignment.config import DataSource, ScheduleFields
 from alignment.stage import StageContext, StageResult
 
 
-class RewardConfig(TrainingConfig):
+class RewardConfig(ScheduleFields):  # + layer_lr_decay, unfreeze_every, unfreeze_unit (schedules.py)
     kind: Literal["reward"] = "reward"
     data: DataSource = "toy:preference"  # eval_data default: toy:preference_eval for toy data, else eval_fraction
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
@@ -27,7 +27,8 @@ class RewardConfig(TrainingConfig):
 
 
 class RewardStage:
-    """Reward model (Bradley-Terry): a score head + `reward` LoRA adapter on the shared base."""
+    """Reward model (Bradley-Terry): a score head + a `reward` adapter (LoRA family) on the shared base, or, for a
+    method that trains base weights, on a copy of the base of its own."""
 
     Config = RewardConfig
 
@@ -49,7 +50,7 @@ class RewardStage:
         from alignment.algorithms.preference import bradley_terry_loss
         from alignment.data import check_prompt_lengths, preference_rows
         from alignment.io import atomic_write_json
-        from reward_models.trained import new_score_head, save_reward_model, sequence_rewards
+        from reward_models.trained import new_score_head, save_base_reward_model, save_reward_model, sequence_rewards
 
         from alignment import checkpoint, distributed
         from alignment.guards import GradNormMonitor
@@ -69,40 +70,45 @@ class RewardStage:
             n_eval = max(1, int(len(rows) * cfg.eval_fraction))
             eval_rows, rows = rows[:n_eval], rows[n_eval:]
 
-        policy.add_adapter(cfg.adapter_name, ctx.adapter)
+        scorer, adapter = self._scorer(ctx)  # the shared policy with a `reward` adapter, or a copy of the base
         head = new_score_head(policy.base.config.hidden_size, policy.base.dtype, policy.base.device)
-        params = policy.trainable_parameters() + list(head.parameters())
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        params = scorer.trainable_parameters() + list(head.parameters())
+        optimizer, unfreezing = self._optimizer(scorer, head, params)  # LLRD / progressive unfreezing when set
         steps_per_epoch = -(-len(rows) // (cfg.batch_size * cfg.gradient_accumulation_steps * world))
         total = cfg.max_steps if cfg.max_steps > 0 else max(1, int(steps_per_epoch * cfg.epochs))
         scheduler = get_scheduler(cfg.lr_scheduler, optimizer, int(total * cfg.warmup_ratio), total)
 
         def rewards(batch, key):
             texts = [r["prompt"] + r[key] for r in batch]
-            return sequence_rewards(policy, cfg.adapter_name, head, texts, cfg.max_length)
+            return sequence_rewards(scorer, adapter, head, texts, cfg.max_length)
 
         if world > 1:  # data parallel through accelerate (DDP): gradients are averaged over the ranks
             from accelerate import Accelerator
 
-            ddp = Accelerator().prepare_model(_reward_net(policy, cfg.adapter_name, head, cfg.max_length))
+            ddp = Accelerator().prepare_model(_reward_net(scorer, adapter, head, cfg.max_length))
             train_rewards = lambda batch, key: ddp([r["prompt"] + r[key] for r in batch])  # noqa: E731
         else:
             train_rewards = rewards
 
         # the loop: shuffle each epoch, BT loss on (chosen, rejected), clip, step
-        policy.model.train()
+        scorer.model.train()
         step, order, recent, seen = 0, [], [], 0
         head_tensors = dict(head.named_parameters())
-        resumed = checkpoint.read_stage_checkpoint(ctx, (cfg.adapter_name,), head_tensors, {"optimizer": optimizer})
+        if adapter is None:  # base weights: checkpointed as tensors, with the head
+            head_tensors.update({f"base.{n}": p for n, p in scorer.model.named_parameters() if p.requires_grad})
+        adapters = (adapter,) if adapter else ()
+        resumed = checkpoint.read_stage_checkpoint(ctx, adapters, head_tensors, {"optimizer": optimizer})
         if resumed is not None:
             step, order, recent, seen = resumed["step"], resumed["order"], resumed["recent"], resumed["seen"]
             scheduler.load_state_dict(resumed["scheduler"])
             checkpoint.set_python_rng_state(rng, resumed["rng"])
         monitor = GradNormMonitor(ctx.label, ctx.dir)
-        if not cfg.gradient_checkpointing and getattr(policy.base, "is_gradient_checkpointing", False):
-            policy.base.gradient_checkpointing_disable()  # a trainer earlier in this process turned it on
-        with policy.checkpointing(cfg.gradient_checkpointing):  # recompute activations in backward
+        if not cfg.gradient_checkpointing and getattr(scorer.base, "is_gradient_checkpointing", False):
+            scorer.base.gradient_checkpointing_disable()  # a trainer earlier in this process turned it on
+        with scorer.checkpointing(cfg.gradient_checkpointing):  # recompute activations in backward
             while step < total:
+                if unfreezing is not None:
+                    unfreezing.apply(step, step / steps_per_epoch)
                 for _ in range(cfg.gradient_accumulation_steps):
                     if len(order) < cfg.batch_size * world:
                         order = list(range(len(rows)))
@@ -116,6 +122,8 @@ class RewardStage:
                     if cfg.center_rewards_coefficient:
                         loss = loss + cfg.center_rewards_coefficient * ((chosen + rejected) ** 2).mean()
                     (loss / cfg.gradient_accumulation_steps).backward()
+                if unfreezing is not None:  # groups not yet unfrozen stay still (the adapter switch re-enables them)
+                    unfreezing.hold(step, step / steps_per_epoch)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 monitor.check(step + 1, float(grad_norm))  # NaN/inf stops before the step; spikes are logged
                 optimizer.step()
@@ -131,9 +139,11 @@ class RewardStage:
                 if checkpoint.due(ctx, step, cfg.checkpoint_every, total):  # multi-process: rank 0 writes, all wait
                     state = {"step": step, "order": order, "recent": recent, "seen": seen,
                              "scheduler": scheduler.state_dict(), "rng": checkpoint.python_rng_state(rng)}
-                    checkpoint.write_stage_checkpoint(ctx, step, (cfg.adapter_name,), head_tensors,
+                    checkpoint.write_stage_checkpoint(ctx, step, adapters, head_tensors,
                                                       {"optimizer": optimizer}, state)
-        policy.model.eval()
+        scorer.model.eval()
+        if unfreezing is not None:
+            unfreezing.on_train_end(None, None, None)  # the method's trainable set, as it was
         if world > 1:
             import sys
 
@@ -154,12 +164,52 @@ class RewardStage:
         metrics.update(reward_mean=round(stats["mean"], 4), reward_std=round(stats["std"], 4))
 
         folder = ctx.dir / "reward_model"
-        save_reward_model(policy, cfg.adapter_name, head, folder, stats)
+        if adapter is None:
+            save_base_reward_model(scorer, head, folder, stats, ctx.adapter)
+        else:
+            save_reward_model(scorer, adapter, head, folder, stats)
         atomic_write_json(ctx.dir / "preference_data.json", {"source": cfg.data, "columns": cfg.columns})
         return StageResult(
             metrics=metrics,
             artifacts={"reward_model": ctx.relative(folder), "preference_data": ctx.relative(ctx.dir / "preference_data.json")},
         )
+
+    def _optimizer(self, scorer, head, params):
+        """(AdamW, progressive-unfreezing schedule or None). With `layer_lr_decay` / `unfreeze_every`: the
+        parameter groups of alignment/schedules.py, the score head in the top group (the one trained first)."""
+        import torch
+
+        from alignment.methods import num_layers
+        from alignment.schedules import ProgressiveUnfreezing, parameter_groups
+
+        cfg = self.config
+        if not cfg.layer_lr_decay and not cfg.unfreeze_every:
+            return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay), None
+        groups = parameter_groups(scorer.model, cfg.learning_rate, cfg.weight_decay, cfg.layer_lr_decay)
+        groups.append({"params": list(head.parameters()), "names": ["score.weight"], "lr": cfg.learning_rate,
+                       "depth": num_layers(scorer.base) + 1, "weight_decay": cfg.weight_decay})
+        every = ProgressiveUnfreezing(groups, cfg.unfreeze_every, cfg.unfreeze_unit) if cfg.unfreeze_every else None
+        return torch.optim.AdamW(groups), every
+
+    def _scorer(self, ctx: StageContext):
+        """(policy to score with, adapter name): a fresh `reward` adapter on the shared base (peft methods), or, for
+        a method that trains base weights, a copy of the base of its own (adapter None), as nothing may share
+        weights it changes; PPO later holds that reward model as a separate frozen model."""
+        from alignment.methods import method_for
+        from alignment.metrics import console
+        from stages.dpo import fresh_policy
+
+        method, policy = method_for(ctx.adapter), ctx.policy
+        if method.family != "base":
+            policy.add_adapter(self.config.adapter_name, ctx.adapter)
+            return policy, self.config.adapter_name
+        from alignment.methods import memory_note
+
+        scorer = fresh_policy(policy)
+        method.prepare(scorer, self.config.adapter_name)
+        console.print(f"adapter.method {method.name}: the reward model trains base weights, on its own copy of the "
+                      f"base ({memory_note(policy.base, 1)}; online stages hold it as a separate frozen model)")
+        return scorer, None
 
     @staticmethod
     def _evaluate(eval_rows, rewards, batch_size) -> dict[str, float]:

@@ -12,12 +12,12 @@ from typing import Literal
 
 from pydantic import Field
 
-from alignment.config import DataSource, StageConfig, TrainingConfig
+from alignment.config import DataSource, ScheduleFields, StageConfig
 from alignment.continual import TaskSpec, toy_task_name
 from alignment.stage import StageContext, StageResult
 
 
-class SFTConfig(TrainingConfig):
+class SFTConfig(ScheduleFields):  # + layer_lr_decay, unfreeze_every, unfreeze_unit (schedules.py)
     kind: Literal["sft"] = "sft"
     data: DataSource = "toy:sft"
     adapter_name: str = "policy"  # which named adapter this stage trains (continual chains use one per task)
@@ -25,9 +25,6 @@ class SFTConfig(TrainingConfig):
     eval_steps: int | None = Field(None, ge=1)  # evaluate every N steps (default: at the end only)
     task: str | None = None  # continual: the task this stage trains (default for toy:task/<name> data: <name>)
     replay: float = Field(0.0, ge=0.0, le=1.0)  # continual: mix in this fraction of every earlier task's training rows
-    layer_lr_decay: float | None = Field(None, gt=0.0, le=1.0)  # LLRD: each depth group down: lr * decay (schedules.py)
-    unfreeze_every: int | None = Field(None, ge=1)  # progressive unfreezing: one more group (top first) every N ...
-    unfreeze_unit: Literal["steps", "epochs"] = "steps"  # ... steps or epochs
 
     def continual_tasks(self) -> list[TaskSpec] | None:
         if self.task is None and toy_task_name(self.data) is None:
@@ -157,7 +154,6 @@ class SFTStage:
             completion_only_loss=cfg.completion_only_loss if fmt == "prompt_completion" else None,
             eval_strategy="steps" if eval_rows and cfg.eval_steps else "no",
             eval_steps=cfg.eval_steps,
-            **self.method(ctx).trainer_args(),
         )
         trainer = self.trainer_class(ctx)(
             model=model,
