@@ -99,4 +99,4 @@ def test_kto_takes_unpaired_rows_and_names_bad_labels(tmp_path):
     bad.write_text(json.dumps({"prompt": "p :", "completion": " c .", "label": "maybe"}))
     proc = run_cli("run", str(cfg), f"stages.1.data={bad}")
     assert proc.returncode == 2
-    assert "stages.1.data: row 0: label must be true/false" in proc.stderr
+    assert f"stages.1.data: '{bad}' line 1: label must be true/false" in proc.stderr
