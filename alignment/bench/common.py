@@ -80,7 +80,8 @@ def use_threads(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{threads - 1}" if threads > 1 else "0"
+    if not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):  # one set by the user wins (e.g. two benches side by side)
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{threads - 1}" if threads > 1 else "0"
     os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
 
 
