@@ -326,8 +326,13 @@ def gradient_checkpointing(models, on: bool = True):
     """Gradient checkpointing for the forwards run inside the block (and their backward, which must run inside it
     too): each decoder layer keeps its input and recomputes the rest in backward. Off outside the block, so generation
     and no-grad passes keep their KV cache. Only the decoder layers are put in training mode (that is what transformers
-    checks before checkpointing), so dropout stays as it is."""
+    checks before checkpointing), so dropout stays as it is. ``on=False`` turns off what a trainer earlier in the
+    process may have turned on (TRL enables it on the shared base), so a loop that puts the whole model in training
+    mode does not checkpoint unasked."""
     if not on:
+        for model in models:
+            if getattr(model, "is_gradient_checkpointing", False):
+                model.gradient_checkpointing_disable()
         yield
         return
     from transformers.modeling_layers import GradientCheckpointingLayer

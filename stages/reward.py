@@ -103,8 +103,6 @@ class RewardStage:
             scheduler.load_state_dict(resumed["scheduler"])
             checkpoint.set_python_rng_state(rng, resumed["rng"])
         monitor = GradNormMonitor(ctx.label, ctx.dir)
-        if not cfg.gradient_checkpointing and getattr(scorer.base, "is_gradient_checkpointing", False):
-            scorer.base.gradient_checkpointing_disable()  # a trainer earlier in this process turned it on
         with scorer.checkpointing(cfg.gradient_checkpointing):  # recompute activations in backward
             while step < total:
                 if unfreezing is not None:
