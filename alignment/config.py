@@ -185,9 +185,11 @@ class PipelineConfig(Strict):
 
 def unset_later_fields(stage: StageConfig) -> set[str]:
     """Fields a stage kind gained after runs were recorded (the schedules of the reward and offline preference
-    stages), left out of its fingerprint while at their defaults so that earlier runs' stages still match."""
+    stages, the online stages' schedules and PPO's `critic`), left out of its fingerprint while at their defaults
+    so that earlier runs' stages still match."""
     if stage.kind in ONLINE_KINDS:
-        return {f for f in ("layer_lr_decay", "unfreeze_every") if getattr(stage, f, None) is None}
+        later = {f for f in ("layer_lr_decay", "unfreeze_every") if getattr(stage, f, None) is None}
+        return later | ({"critic"} if getattr(stage, "critic", None) == "separate" else set())
     if stage.kind not in LATER_SCHEDULE_KINDS:
         return set()
     return {f for f in SCHEDULE_FIELDS if getattr(stage, f, None) == ScheduleFields.model_fields[f].default}

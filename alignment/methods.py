@@ -17,6 +17,7 @@ classes at the bottom, found with ``method_for(options)``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
@@ -780,12 +781,12 @@ class FrozenBasePolicy:
         return {"policy": self.policy_model, "reference": self.reference_model}.get(name)
 
     def using(self, name: str):
-        import contextlib
+        from alignment.policy import mixed_precision
 
         model = self.named_model(name)
         if model is None:
             return self.shared.using(name)
-        return contextlib.nullcontext(model)
+        return _entered(mixed_precision(model), model)
 
     def adapter_parameters(self, name: str) -> list:
         if name == "policy":
@@ -820,6 +821,13 @@ class FrozenBasePolicy:
     def policy_state_dict(self) -> dict[str, torch.Tensor]:
         """The policy's full weights (for a full-weight reload into vLLM)."""
         return {k: v.detach().clone().contiguous() for k, v in self.policy_model.state_dict().items()}
+
+
+@contextlib.contextmanager
+def _entered(context, value):
+    """``value`` yielded inside ``context``."""
+    with context:
+        yield value
 
 
 def online_policy(ctx):

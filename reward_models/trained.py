@@ -11,7 +11,6 @@ separate frozen model.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from alignment.errors import UserError
+from alignment.policy import mixed_precision
 
 SCORE_KEY = "base_model.model.score.weight"
 STATS_FILE = "reward_stats.json"
@@ -40,7 +40,7 @@ def sequence_rewards(policy, adapter_name: str, head, texts: list[str], max_leng
     finally:
         tokenizer.padding_side = side
     batch = batch.to(head.weight.device)
-    with policy.using(adapter_name) if adapter_name else contextlib.nullcontext():  # None: a plain model
+    with policy.using(adapter_name) if adapter_name else mixed_precision(policy.base):  # None: a plain model
         hidden = policy.backbone()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                    use_cache=False).last_hidden_state
     last = batch["attention_mask"].sum(dim=1) - 1

@@ -361,18 +361,31 @@ def pack(rollout, pad_id: int, device):
                                               positions=positions, response_mask=response_mask).items()}
 
 
-def token_logprobs(policy, adapter: str, seq, temperature: float, with_entropy: bool = False):
-    """(B, T) log-probs of the response tokens (logits / temperature, as sampled) with ``adapter`` active."""
+def token_logprobs(policy, adapter: str, seq, temperature: float, with_entropy: bool = False,
+                   with_hidden: bool = False):
+    """(B, T) log-probs of the response tokens (logits / temperature, as sampled) with ``adapter`` active, and
+    (B, T) entropies with ``with_entropy`` (else None). ``with_hidden`` adds a third value: (B, T, H), the hidden
+    state the LM head read at those positions (a shared-trunk critic's input)."""
     import torch
 
+    captured = []
     with policy.using(adapter) as model:
-        logits = model(input_ids=seq["input_ids"], attention_mask=seq["attention_mask"], use_cache=False).logits
+        hook = model.get_output_embeddings().register_forward_pre_hook(
+            lambda module, args: captured.append(args[0])) if with_hidden else None
+        try:
+            logits = model(input_ids=seq["input_ids"], attention_mask=seq["attention_mask"], use_cache=False).logits
+        finally:
+            if hook is not None:
+                hook.remove()
     index = seq["positions"][:, :, None].expand(-1, -1, logits.shape[-1])
     logits = logits.gather(1, index).float() / temperature
     logp = torch.log_softmax(logits, dim=-1)
     chosen = logp.gather(-1, seq["response_ids"][:, :, None]).squeeze(-1)
     entropy = -(logp.exp() * logp).sum(-1) if with_entropy else None
-    return chosen, entropy
+    if not with_hidden:
+        return chosen, entropy
+    hidden = captured[-1]
+    return chosen, entropy, hidden.gather(1, seq["positions"][:, :, None].expand(-1, -1, hidden.shape[-1]))
 
 
 def unshuffle(values, order):

@@ -71,7 +71,8 @@ def test_memory_of_a_ppo_run(out):
 def test_compare_trl(out):
     run_benchmark("compare-trl", Options(out, engines="hf", **{**TINY, "batch": 8}))  # 2 prompts x 4
     rows = {r["trainer"]: r for r in result(out, "compare_trl")["rows"]}
-    assert set(rows) == {"ours PPO", "ours GRPO", "ours RLOO", "TRL GRPOTrainer", "TRL RLOOTrainer"}
+    assert set(rows) == {"ours PPO", "ours PPO (critic shared)", "ours GRPO", "ours RLOO", "TRL GRPOTrainer",
+                         "TRL RLOOTrainer"}
     assert rows["TRL GRPOTrainer"]["vs_trl_grpo"] == 1.0
 
 

@@ -122,3 +122,37 @@ def test_gradient_checkpointing_saves_fewer_activations_and_gives_the_same_gradi
     with torch.no_grad():
         out = policy.model.generate(input_ids=ids[:1, :5], max_new_tokens=3, do_sample=False)
     assert out.shape[1] == 8
+
+
+def test_half_precision_base_runs_adapters_under_autocast(toy_dir):
+    """With a bf16 base, peft keeps LoRA weights in float32; `using()` autocasts (as Trainer does for TRL's stages),
+    so the adapter matmuls run in bf16 while the trained weights and their gradients stay float32. In float32 nothing
+    changes."""
+    policy = SharedPolicy.load(str(toy_dir / "model"), dtype="bfloat16")
+    policy.add_adapter("policy", AdapterConfig(r=4))
+    with torch.no_grad():
+        for n, p in policy.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    lora = [m for n, m in policy.model.named_modules() if n.endswith("lora_A.policy")][0]
+    out_dtypes = []
+    lora.register_forward_hook(lambda m, i, o: out_dtypes.append(o.dtype))
+    ids = torch.randint(3, policy.base.config.vocab_size, (2, 12))
+    with policy.using("policy") as model:
+        logits = model(input_ids=ids, use_cache=False).logits
+    assert out_dtypes[-1] == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = policy.model(input_ids=ids, use_cache=False).logits
+    assert torch.equal(logits, expected)
+    logits.float().logsumexp(-1).mean().backward()
+    trained = [p for p in policy.adapter_parameters("policy")]
+    assert trained and all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+                           for p in trained)
+    with torch.no_grad():
+        policy.model(input_ids=ids, use_cache=False)  # outside `using`: peft's float32 path
+    assert out_dtypes[-1] == torch.float32
+
+    fp32 = SharedPolicy.load(str(toy_dir / "model"))
+    fp32.add_adapter("policy", AdapterConfig(r=4))
+    with fp32.using("policy") as model:
+        assert not torch.is_autocast_enabled("cpu")

@@ -1,5 +1,5 @@
-"""`alignment bench compare-trl`: samples/s of our PPO, GRPO and RLOO stages against TRL's GRPOTrainer and
-RLOOTrainer, one after another in one command, on the same model, prompts and settings:
+"""`alignment bench compare-trl`: samples/s of our PPO (its own critic, and `critic: shared`), GRPO and RLOO stages
+against TRL's GRPOTrainer and RLOOTrainer, one after another in one command, on the same model, prompts and settings:
 
     16 prompts x 4 completions per step (PPO: 64 prompts x 1), 64 new tokens, temperature 1, LoRA r=16 (alpha 32,
     all linear layers), the bench dtype (the issue asks bf16; see docs/benchmarks.md), no gradient checkpointing,
@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
+from typing import Any
 
 from alignment.bench.common import Bench, Chart, Report, bench_model, bench_prompts, summarize
 from alignment.bench.runs import PREP_STAGES, iteration_records, online_stage, run_config_process, write_config
@@ -26,6 +27,12 @@ from alignment.bench.runs import PREP_STAGES, iteration_records, online_stage, r
 # different response lengths within two steps (GRPO 37 -> 4 tokens, PPO 37 -> 54) and samples/s measures that, not
 # the trainer; at 1e-8 every trainer keeps generating from the same policy, so the work per step matches.
 GROUP, LORA_RANK, KL, LR = 4, 16, 0.05, 1e-8
+OURS = [  # (row label, stage kind, extra stage fields)
+    ("ours PPO", "ppo", {}),
+    ("ours PPO (critic shared)", "ppo", {"critic": "shared"}),
+    ("ours GRPO", "grpo", {}),
+    ("ours RLOO", "rloo", {}),
+]
 ANCHORS = {"TRL GRPOTrainer": 3.1, "TRL RLOOTrainer": 2.5}  # samples/s measured by the issue's author (76M)
 
 
@@ -60,10 +67,10 @@ def run(bench: Bench, engines: list[str], shape: Shape) -> Report:
                     ["trainer", "engine", "samples_s", "min", "max", "spread", "step_s", "vs_trl_grpo",
                      "vs_trl_rloo", "vs_anchor"],
                     chart=Chart("label", "samples_s", "samples / s (median, min..max)", "min", "max"))
-    for kind in ("ppo", "grpo", "rloo"):
+    for label, kind, extra in OURS:
         for engine in engines:
-            walls = [r["wall_s"] for r in _ours(bench, kind, engine, steps, shape)][1:]
-            _add(report, f"ours {kind.upper()}", engine, walls, shape.samples)
+            walls = [r["wall_s"] for r in _ours(bench, kind, engine, steps, shape, **extra)][1:]
+            _add(report, label, engine, walls, shape.samples)
     for name in ("GRPO", "RLOO"):
         _add(report, f"TRL {name}Trainer", "hf (TRL)", _trl(bench, name, steps, shape)[1:], shape.samples)
     trl = {r["trainer"]: r["samples_s"] for r in report.rows if r["trainer"].startswith("TRL")}
@@ -73,9 +80,9 @@ def run(bench: Bench, engines: list[str], shape: Shape) -> Report:
         anchor = ANCHORS.get(row["trainer"]) if bench.size == "76m" and shape == Shape() else None
         row["vs_anchor"] = row["samples_s"] / anchor if anchor else None
     for row in report.rows:
-        if row["trainer"] == "ours PPO":
+        if row["trainer"].startswith("ours PPO"):
             for name in ("GRPO", "RLOO"):
-                report.goal(f"ours PPO ({row['engine']}) / TRL {name}Trainer, samples/s",
+                report.goal(f"{row['trainer']} ({row['engine']}) / TRL {name}Trainer, samples/s",
                             row[f"vs_trl_{name.lower()}"], 2.0)
     return report
 
@@ -87,15 +94,16 @@ def _add(report: Report, trainer: str, engine: str, walls: list[float], samples:
                         "label": f"{trainer} ({engine})"})
 
 
-def _ours(bench: Bench, kind: str, engine: str, steps: int, shape: Shape) -> list[dict]:
-    shared = dict(reward=f"{__name__}:length_reward", reward_normalization="none", max_new_tokens=shape.new_tokens,
+def _ours(bench: Bench, kind: str, engine: str, steps: int, shape: Shape, **extra: Any) -> list[dict]:
+    shared = dict(**extra, reward=f"{__name__}:length_reward", reward_normalization="none", max_new_tokens=shape.new_tokens,
                   minibatch_size=shape.samples, ppo_epochs=1, learning_rate=LR, kl_coef=KL, target_kl=None,
                   gradient_checkpointing=False, rollout={"engine": engine, "memory_fraction": 0.15})
     if kind == "ppo":
         stage = online_stage(kind, steps, batch_size=shape.samples, **shared)
     else:
         stage = online_stage(kind, steps, batch_size=shape.prompts, group_size=GROUP, **shared)
-    run_config_process(write_config(bench, f"compare-{kind}-{engine}", [*PREP_STAGES, stage]))
+    label = "-".join(["compare", kind, *map(str, extra.values()), engine])  # compare-ppo-shared-vllm
+    run_config_process(write_config(bench, label, [*PREP_STAGES, stage]))
     return iteration_records(bench.out, bench.size, kind)
 
 

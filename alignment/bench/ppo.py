@@ -32,11 +32,11 @@ def timed_forwards(module_name: str):
     seconds: dict[str, list[float]] = defaultdict(list)
     original_logprobs, original_values = module.token_logprobs, getattr(module, "_values", None)
 
-    def token_logprobs(policy, adapter, seq, temperature, with_entropy=False):
+    def token_logprobs(policy, adapter, seq, temperature, **options):
         if torch.is_grad_enabled():  # the training forward: counted in `train`
-            return original_logprobs(policy, adapter, seq, temperature, with_entropy)
+            return original_logprobs(policy, adapter, seq, temperature, **options)
         start = time.perf_counter()
-        out = original_logprobs(policy, adapter, seq, temperature, with_entropy)
+        out = original_logprobs(policy, adapter, seq, temperature, **options)
         seconds[f"{adapter}_forward"].append(time.perf_counter() - start)
         return out
 
