@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 
 ALL_STAGES = ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo", "rloo", "ewc", "multitask", "adapter_fusion")
 LORA_TYPED_STAGES = ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo", "rloo", "ewc", "multitask")  # share a PeftModel with LoRA reward/value
-OTHER_PEFT_STAGES = ("sft", "dpo", "kto", "orpo")  # peft forbids mixing adapter types (no LoRA reward/value adapters beside them)
+OTHER_PEFT_STAGES = ("sft", "dpo", "kto", "orpo", "ewc", "multitask")  # peft forbids mixing adapter types (no LoRA
+# reward/value adapters beside them); continual stages put none there
 BASE_WEIGHT_STAGES = ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo", "rloo", "ewc", "multitask")  # a trained model of its own
 LORA_FAMILY = ("lora", "rslora", "dora", "qlora")
 MODULE_STAGES = ("sft", "dpo", "kto", "orpo", "ewc", "multitask")  # our bottleneck modules (offline preference
@@ -239,6 +240,7 @@ class Method:
     rollout: ClassVar[str]
     stages: ClassVar[tuple[str, ...]]
     changes_base: ClassVar[bool] = False  # the trained policy is not an adapter on the shared, unchanged base
+    continues: ClassVar[bool] = True  # a saved policy can be loaded and trained further
     note: ClassVar[str] = ""
 
     def __init__(self, options: MethodOptions):
@@ -323,7 +325,7 @@ class DoraMethod(LoraMethod):
 
 class QLoraMethod(LoraMethod):
     rollout = "hf"
-    stages = tuple(s for s in LORA_TYPED_STAGES if s not in ("ewc", "multitask"))  # continual: not tried on 4-bit
+    stages = LORA_TYPED_STAGES
     note = "the shared base is loaded in 4-bit NF4 (bitsandbytes) for the whole run"
 
     def quantization_config(self):
@@ -350,10 +352,12 @@ class IA3Method(PeftMethod):
 
 class PromptLearningMethod(PeftMethod):
     # peft saves P-tuning (and prefix tuning with `projection`) as the virtual tokens its encoder computed, not the
-    # encoder: nothing can continue training it. Prefix tuning continues in DPO/KTO/ORPO (policy.load_adapter puts
-    # the saved prefixes into a fresh trainable adapter, as peft refuses is_trainable for prompt learning); prompt
-    # tuning would too, but its virtual tokens lengthen the sequence TRL's preference losses read log-probs from.
-    stages = ("sft",)
+    # encoder: nothing can continue training it, so of the continual stages only `multitask` (one stage, a fresh
+    # adapter) takes them. Prefix tuning continues in DPO/KTO/ORPO and EWC chains (policy.load_adapter puts the saved
+    # prefixes into a fresh trainable adapter, as peft refuses is_trainable for prompt learning); prompt tuning
+    # continues in EWC chains, but not in DPO/KTO/ORPO: its virtual tokens lengthen the sequence TRL's preference
+    # losses read log-probs from (our continual losses and evaluator drop them: policy.real_token_logits).
+    stages = ("sft", "multitask")
     note = "prompt-learning adapters cannot be merged or served by vLLM"
 
     def trainer_args(self):
@@ -363,8 +367,12 @@ class PromptLearningMethod(PeftMethod):
 class PrefixMethod(PromptLearningMethod):
 
     @property
+    def continues(self):
+        return not self.options.projection
+
+    @property
     def stages(self):
-        return ("sft",) if self.options.projection else ("sft", "dpo", "kto", "orpo")
+        return ("sft", "multitask") if self.options.projection else ("sft", "dpo", "kto", "orpo", "ewc", "multitask")
 
     def peft_config(self, model):
         from peft import PrefixTuningConfig
@@ -375,6 +383,7 @@ class PrefixMethod(PromptLearningMethod):
 
 
 class PromptMethod(PromptLearningMethod):
+    stages = ("sft", "ewc", "multitask")
 
     def peft_config(self, model):
         from peft import PromptTuningConfig
@@ -388,6 +397,7 @@ class PromptMethod(PromptLearningMethod):
 
 
 class PTuningMethod(PromptLearningMethod):
+    continues = False
 
     def peft_config(self, model):
         from peft import PromptEncoderConfig
@@ -648,7 +658,7 @@ class BottleneckMethod(Method):
 
 class MamMethod(BottleneckMethod):
     family = "modules"
-    stages = ("sft",)
+    stages = ("sft", "ewc", "multitask")  # continual stages hook its modules into the shared base for the stage, as SFT
     note = "prefix tuning (peft) + our parallel bottleneck: HF engine only"
 
     def insert(self, policy):
@@ -724,16 +734,29 @@ def config_problems(config) -> list[str]:
     problems = []
     for i, stage in enumerate(config.stages):
         where = f"stages.{i}.adapter" if stage.adapter is not None else "adapter"
-        problems += stage_problems(i, stage.kind, config.adapter_for(stage), where)
         options = config.adapter_for(stage)
+        refused = stage_problems(i, stage.kind, options, where)
+        problems += refused
         if stage.kind == "ewc" and getattr(stage, "objective", "sft") == "dpo" and options.method not in LORA_FAMILY:
             problems.append(f"{where}.method: an `ewc` stage with `objective: dpo` trains a LoRA-family adapter only "
                             f"(TRL's in-model `ref` copy of it is the reference), not {options.method!r}; use "
                             "`objective: sft` or a LoRA-family method (lora, rslora, dora, qlora)")
+        if not refused and continues_adapter(stage, config.stages[:i]) and not method_for(options).continues:
+            problems.append(f"{where}.method: stage {i} continues adapter {stage.adapter_name!r} of an earlier stage, "
+                            f"but peft saves {options.method!r} as the virtual tokens its encoder computed, not the "
+                            "encoder, so it cannot be trained further; give this stage its own `adapter_name`, or use "
+                            "prefix tuning without `projection`, or prompt tuning")
         if stage.adapter is not None and stage.adapter.method == "qlora" and config.adapter.method != "qlora":
             problems.append(f"stages.{i}.adapter.method: qlora quantises the shared base for the whole run; set "
                             "`method: qlora` in the top-level `adapter:` block instead")
     return problems
+
+
+def continues_adapter(stage, earlier) -> bool:
+    """An SFT-like stage (sft, ewc, multitask) whose `adapter_name` an earlier one of them trained: it continues it."""
+    trains = ("sft", "ewc", "multitask")
+    name = getattr(stage, "adapter_name", None)
+    return stage.kind in trains and any(s.kind in trains and getattr(s, "adapter_name", None) == name for s in earlier)
 
 
 def quantization_for(config):
@@ -909,7 +932,7 @@ def catalogue(model_path: str, configured: MethodOptions | None = None) -> list[
             log.level = level
         if isinstance(method, BaseWeightMethod):
             memory = f"after SFT: a trained copy + a frozen reference copy, +{2 * size / 2**20:.1f} MiB"
-        elif isinstance(method, BottleneckMethod) and method.stages != ("sft",):
+        elif isinstance(method, BottleneckMethod) and "dpo" in method.stages:
             memory = f"DPO/KTO/ORPO: a trained copy + a frozen reference copy, +{2 * size / 2**20:.1f} MiB"
         elif name == "qlora":
             memory = "shared base in 4-bit"

@@ -82,6 +82,14 @@ def _plain_cpu_4bit(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def real_token_logits(logits, input_ids):
+    """``logits`` at the positions of ``input_ids``' own tokens. peft's prompt tuning and P-tuning prepend their
+    virtual tokens to the sequence the model returns logits for (``num_virtual_tokens`` more positions, first);
+    prefix tuning and every other method return one position per input token, which this leaves as they are."""
+    extra = logits.shape[1] - input_ids.shape[1]
+    return logits[:, extra:] if extra > 0 else logits
+
+
 class SharedPolicy:
     """One base model; named adapters on it. ``model`` is the PeftModel once an adapter exists, else the base."""
 
