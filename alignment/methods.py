@@ -240,7 +240,6 @@ class Method:
     rollout: ClassVar[str]
     stages: ClassVar[tuple[str, ...]]
     changes_base: ClassVar[bool] = False  # the trained policy is not an adapter on the shared, unchanged base
-    continues: ClassVar[bool] = True  # a saved policy can be loaded and trained further
     note: ClassVar[str] = ""
 
     def __init__(self, options: MethodOptions):
@@ -351,13 +350,13 @@ class IA3Method(PeftMethod):
 
 
 class PromptLearningMethod(PeftMethod):
-    # peft saves P-tuning (and prefix tuning with `projection`) as the virtual tokens its encoder computed, not the
-    # encoder: nothing can continue training it, so of the continual stages only `multitask` (one stage, a fresh
-    # adapter) takes them. Prefix tuning continues in DPO/KTO/ORPO and EWC chains (policy.load_adapter puts the saved
-    # prefixes into a fresh trainable adapter, as peft refuses is_trainable for prompt learning); prompt tuning
-    # continues in EWC chains, but not in DPO/KTO/ORPO: its virtual tokens lengthen the sequence TRL's preference
-    # losses read log-probs from (our continual losses and evaluator drop them: policy.real_token_logits).
-    stages = ("sft", "multitask")
+    # Continued (DPO/KTO/ORPO for prefix tuning, EWC chains for all) by policy.load_adapter: peft refuses is_trainable
+    # for prompt learning, so the saved weights go into a fresh trainable adapter (peft saves P-tuning and prefix
+    # tuning with `projection` as the virtual tokens their encoder computed; SharedPolicy.save_adapter writes the
+    # encoder beside them). Prompt tuning and P-tuning are not continued in DPO/KTO/ORPO: their virtual tokens
+    # lengthen the sequence TRL's preference losses read log-probs from (our continual losses and evaluator drop
+    # them: policy.real_token_logits); prefix tuning with `projection` was not tried there.
+    stages = ("sft",)
     note = "prompt-learning adapters cannot be merged or served by vLLM"
 
     def trainer_args(self):
@@ -367,12 +366,8 @@ class PromptLearningMethod(PeftMethod):
 class PrefixMethod(PromptLearningMethod):
 
     @property
-    def continues(self):
-        return not self.options.projection
-
-    @property
     def stages(self):
-        return ("sft", "multitask") if self.options.projection else ("sft", "dpo", "kto", "orpo", "ewc", "multitask")
+        return ("sft", "ewc", "multitask") if self.options.projection else ("sft", "dpo", "kto", "orpo", "ewc", "multitask")
 
     def peft_config(self, model):
         from peft import PrefixTuningConfig
@@ -397,7 +392,7 @@ class PromptMethod(PromptLearningMethod):
 
 
 class PTuningMethod(PromptLearningMethod):
-    continues = False
+    stages = ("sft", "ewc", "multitask")
 
     def peft_config(self, model):
         from peft import PromptEncoderConfig
@@ -735,28 +730,15 @@ def config_problems(config) -> list[str]:
     for i, stage in enumerate(config.stages):
         where = f"stages.{i}.adapter" if stage.adapter is not None else "adapter"
         options = config.adapter_for(stage)
-        refused = stage_problems(i, stage.kind, options, where)
-        problems += refused
+        problems += stage_problems(i, stage.kind, options, where)
         if stage.kind == "ewc" and getattr(stage, "objective", "sft") == "dpo" and options.method not in LORA_FAMILY:
             problems.append(f"{where}.method: an `ewc` stage with `objective: dpo` trains a LoRA-family adapter only "
                             f"(TRL's in-model `ref` copy of it is the reference), not {options.method!r}; use "
                             "`objective: sft` or a LoRA-family method (lora, rslora, dora, qlora)")
-        if not refused and continues_adapter(stage, config.stages[:i]) and not method_for(options).continues:
-            problems.append(f"{where}.method: stage {i} continues adapter {stage.adapter_name!r} of an earlier stage, "
-                            f"but peft saves {options.method!r} as the virtual tokens its encoder computed, not the "
-                            "encoder, so it cannot be trained further; give this stage its own `adapter_name`, or use "
-                            "prefix tuning without `projection`, or prompt tuning")
         if stage.adapter is not None and stage.adapter.method == "qlora" and config.adapter.method != "qlora":
             problems.append(f"stages.{i}.adapter.method: qlora quantises the shared base for the whole run; set "
                             "`method: qlora` in the top-level `adapter:` block instead")
     return problems
-
-
-def continues_adapter(stage, earlier) -> bool:
-    """An SFT-like stage (sft, ewc, multitask) whose `adapter_name` an earlier one of them trained: it continues it."""
-    trains = ("sft", "ewc", "multitask")
-    name = getattr(stage, "adapter_name", None)
-    return stage.kind in trains and any(s.kind in trains and getattr(s, "adapter_name", None) == name for s in earlier)
 
 
 def quantization_for(config):

@@ -458,7 +458,9 @@ def test_offline_preference_stage_continues_prefix_tuning(kind, toy_dir, runs):
 
 
 def test_prompt_learning_that_cannot_continue_is_refused(toy_dir, tmp_path):
-    """P-tuning (and prefix tuning with a projection) are saved as computed virtual tokens, without their encoder."""
+    """P-tuning (and prefix tuning with a projection) are saved by peft as computed virtual tokens, without their
+    encoder: our folders carry the encoder too (prompt_encoder.safetensors) and continue from it exactly; a folder
+    without it is refused. DPO/KTO/ORPO refuse them."""
     with pytest.raises(ConfigError) as e:
         config_from_dict({"name": "x", "adapter": {"method": "ptuning"}, "stages": [{"kind": "sft"}, {"kind": "dpo"}]})
     assert e.value.problems[0].startswith("adapter.method: a 'dpo' stage does not support method 'ptuning'")
@@ -469,6 +471,12 @@ def test_prompt_learning_that_cannot_continue_is_refused(toy_dir, tmp_path):
     policy = SharedPolicy.load(str(toy_dir / "model"))
     method_for(default_options("ptuning")).prepare(policy, "policy")
     policy.save_adapter("policy", tmp_path / "pt")
+    again = SharedPolicy.load(str(toy_dir / "model"))
+    again.load_adapter("policy", tmp_path / "pt", trainable=True)
+    trained, loaded = policy.model.prompt_encoder["policy"].state_dict(), again.model.prompt_encoder["policy"].state_dict()
+    assert set(trained) == set(loaded) and all(torch.equal(trained[k], loaded[k]) for k in trained)
+    assert again.adapter_parameters("policy") and all(p.requires_grad for p in again.adapter_parameters("policy"))
+    (tmp_path / "pt" / "prompt_encoder.safetensors").unlink()  # as peft alone saves it
     with pytest.raises(UserError, match="computed virtual tokens"):
         SharedPolicy.load(str(toy_dir / "model")).load_adapter("policy", tmp_path / "pt", trainable=True)
 
