@@ -367,7 +367,8 @@ class PrefixMethod(PromptLearningMethod):
 
     @property
     def stages(self):
-        return ("sft", "ewc", "multitask") if self.options.projection else ("sft", "dpo", "kto", "orpo", "ewc", "multitask")
+        continual = ("ewc", "multitask")
+        return ("sft", *continual) if self.options.projection else ("sft", "dpo", "kto", "orpo", *continual)
 
     def peft_config(self, model):
         from peft import PrefixTuningConfig

@@ -204,9 +204,10 @@ class SharedPolicy:
         if has_prompt_encoder(config):
             if not (path / PROMPT_ENCODER_FILE).is_file():
                 raise UserError(f"{path}: peft saves this {config.peft_type} adapter as its computed virtual tokens, "
-                                f"not the prompt encoder that produced them, and the folder has no {PROMPT_ENCODER_FILE}"
-                                " (written by this framework since it continues them), so it cannot be trained "
-                                "further; retrain it, or use prefix tuning without `projection`, or prompt tuning")
+                                "not the prompt encoder that produced them, and the folder has no "
+                                f"{PROMPT_ENCODER_FILE} (the encoder, written by this framework's save), so it cannot "
+                                "be trained further; retrain it, or use prefix tuning without `projection`, or prompt "
+                                "tuning")
             from alignment.safety import check_safetensors
 
             check_safetensors(path / PROMPT_ENCODER_FILE, "prompt encoder weights")

@@ -473,7 +473,8 @@ def test_prompt_learning_that_cannot_continue_is_refused(toy_dir, tmp_path):
     policy.save_adapter("policy", tmp_path / "pt")
     again = SharedPolicy.load(str(toy_dir / "model"))
     again.load_adapter("policy", tmp_path / "pt", trainable=True)
-    trained, loaded = policy.model.prompt_encoder["policy"].state_dict(), again.model.prompt_encoder["policy"].state_dict()
+    trained = policy.model.prompt_encoder["policy"].state_dict()
+    loaded = again.model.prompt_encoder["policy"].state_dict()
     assert set(trained) == set(loaded) and all(torch.equal(trained[k], loaded[k]) for k in trained)
     assert again.adapter_parameters("policy") and all(p.requires_grad for p in again.adapter_parameters("policy"))
     (tmp_path / "pt" / "prompt_encoder.safetensors").unlink()  # as peft alone saves it

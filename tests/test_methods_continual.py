@@ -1,9 +1,10 @@
 """Fine-tuning methods in continual stages: IA3, QLoRA, prefix / prompt tuning, P-tuning and MAM in EWC chains and
 multi-task stages (tests/test_methods.py covers the LoRA family, base-weight methods and bottleneck modules there).
 
-Each run is a few steps on two toy tasks. EWC chains assert that the second task trained under the first one's penalty
-(logged), that the penalty's anchor is the first task's saved adapter bit for bit over exactly its parameters, and
-that every one of them moved in the second task; every run asserts that the reported task accuracy is what the saved
+Each run is a few steps on two toy tasks. EWC chains assert that the second task continued the first one's saved
+adapter exactly (the logged penalty is 0 at its first step) and then trained under that penalty, that the penalty's
+anchor is the first task's saved adapter bit for bit over exactly its parameters, and that every one of them moved
+in the second task; every run asserts that the reported task accuracy is what the saved
 adapter, loaded onto a fresh base, scores, and that the shared base is the toy's afterwards (and carries no modules).
 """
 
@@ -39,11 +40,13 @@ def run_chain(tmp_path, adapter: dict, kind: str, **fields):
         stages = [{"kind": "ewc", "data": f"toy:task/{t}", **EWC, **fields} for t in ("sentiment", "topic")]
     else:
         stages = [{"kind": "multitask", "tasks": ["toy:task/sentiment", "toy:task/number"], **TASK, **fields}]
-    raw = {"name": "-".join([adapter["method"], kind, *map(str, fields.values())]), "model": "toy", "output_dir": str(tmp_path), "adapter": adapter,
-           "continual": CONTINUAL, "logging": {"log_every": 1}, "stages": stages}
+    name = "-".join([adapter["method"], *["projection"] * adapter.get("projection", False), kind, *fields.values()])
+    raw = {"name": name, "model": "toy",
+           "output_dir": str(tmp_path), "adapter": adapter, "continual": CONTINUAL, "logging": {"log_every": 1},
+           "stages": stages}
     pipeline = Pipeline(config_from_dict(raw)[0])
     summary = pipeline.run()
-    return pipeline, summary, tmp_path / raw["name"]
+    return pipeline, summary, tmp_path / name
 
 
 def saved_weights(run_dir, stage: dict) -> dict[str, torch.Tensor]:
@@ -72,7 +75,8 @@ def assert_accuracy_reloads(pipeline, summary, run_dir, adapter: dict, toy_dir, 
     the adapter active, and the save / load round trip)."""
     last = summary["stages"][-1]
     policy = SharedPolicy.load(str(toy_dir / "model"), quantization=quantization)
-    model = method_for(OPTION_CLASSES[adapter["method"]](**adapter)).load(policy, "policy", run_dir / last["artifacts"]["policy"])
+    method = method_for(OPTION_CLASSES[adapter["method"]](**adapter))
+    model = method.load(policy, "policy", run_dir / last["artifacts"]["policy"])
     assert pipeline._chains()[last["index"]].evaluate(model, policy.tokenizer) == last["task_accuracy"]
 
 
@@ -116,7 +120,8 @@ PEFT_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("kind", "adapter"), PEFT_CASES, ids=[f"{k}-{a['method']}{'-projection' * a.get('projection', False)}" for k, a in PEFT_CASES])
+@pytest.mark.parametrize(("kind", "adapter"), PEFT_CASES,
+                         ids=[f"{k}-{a['method']}" + "-projection" * a.get("projection", False) for k, a in PEFT_CASES])
 def test_continual_stage_with_a_peft_or_mam_method(kind, adapter, toy_dir, runs):
     """IA3, prefix tuning (also with a projection), prompt tuning, P-tuning and MAM in an EWC chain or a multi-task
     stage: exactly the method's parameters trained (EWC: all of them moved from the first task's, under its
