@@ -218,3 +218,27 @@ def test_continual_stages_accept_and_refuse_methods(toy_dir):
         "`adapter:` for this stage, e.g. `adapter: {method: lora}` (see `alignment methods`)"]
     assert problems({"method": "ia3"}, {**ewc[0], "objective": "dpo"})[0].startswith(
         "adapter.method: an `ewc` stage with `objective: dpo` trains a LoRA-family adapter only")
+
+
+def test_ewc_chain_with_an_adapter_per_task(toy_dir, runs):
+    """P-tuning with one adapter per task (sentiment, topic) and a third task continuing the first adapter: each
+    adapter has its own penalty (topic's stage protects nothing), the continued one starts exactly where it was saved
+    (penalty 0 at its first step) although another prompt encoder sits on the model, and the other adapter is not
+    touched (its virtual tokens are still the saved ones)."""
+    adapter = {"method": "ptuning", "num_virtual_tokens": 4, "encoder_hidden_size": 16}
+    stages = [{"kind": "ewc", "data": f"toy:task/{task}", "adapter_name": name, **EWC}
+              for task, name in (("sentiment", "sentiment"), ("topic", "topic"), ("number", "sentiment"))]
+    raw = {"name": "ptuning-per-task", "model": "toy", "output_dir": str(runs), "adapter": adapter,
+           "continual": CONTINUAL, "logging": {"log_every": 1}, "stages": stages}
+    pipeline = Pipeline(config_from_dict(raw)[0])
+    summary = pipeline.run()
+    run_dir = runs / raw["name"]
+    assert [s["metrics"]["ewc_tasks_protected"] for s in summary["stages"]] == [0, 0, 1]
+    assert set(summary["stages"][2]["artifacts"]) == {"sentiment", "ewc:sentiment"}
+    logged = [json.loads(line) for line in (run_dir / "2-ewc" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["ewc_penalty"] for r in logged if "ewc_penalty" in r][0] == 0.0
+    policy = pipeline.policy()
+    assert sorted(policy.adapters) == ["sentiment", "topic"]
+    topic = load_file(str(run_dir / summary["stages"][1]["artifacts"]["topic"] / "adapter_model.safetensors"))
+    assert torch.equal(policy.adapter_state("topic")["prompt_embeddings"], topic["prompt_embeddings"])
+    assert_shared_base_is_the_toys(pipeline, toy_dir)
