@@ -132,6 +132,8 @@ def completion_scores(model, tokenizer, prompts: list[str], completions: list[st
     """Sum of log-probs of each completion given its prompt, batched (prompt + completion tokenised together)."""
     import torch
 
+    from alignment.policy import real_token_logits
+
     sequences, starts = [], []
     for prompt, completion in zip(prompts, completions):
         starts.append(len(tokenizer(prompt).input_ids))
@@ -153,6 +155,7 @@ def completion_scores(model, tokenizer, prompts: list[str], completions: list[st
                 device = next(model.parameters()).device
                 extra = {"prompt_lengths": torch.tensor(chunk_starts)} if getattr(model, "routes_by_prompt", False) else {}
                 logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **extra).logits.float()
+                logits = real_token_logits(logits, ids)  # prompt tuning: without its virtual tokens
                 token_logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)
                 positions = torch.arange(1, width)[None, :]
                 scored = (positions >= torch.tensor(chunk_starts)[:, None]) & (mask[:, 1:] == 1)

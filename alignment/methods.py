@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 ALL_STAGES = ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo", "rloo", "ewc", "multitask", "adapter_fusion")
 LORA_TYPED_STAGES = ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo", "rloo", "ewc", "multitask")  # share a PeftModel with LoRA reward/value
-OTHER_PEFT_STAGES = ("sft", "dpo", "kto", "orpo")  # peft forbids mixing adapter types (no LoRA reward/value adapters beside them)
+OTHER_PEFT_STAGES = ("sft", "dpo", "kto", "orpo", "ewc", "multitask")  # peft forbids mixing adapter types (no LoRA
+# reward/value adapters beside them); continual stages put none there
 BASE_WEIGHT_STAGES = ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo", "rloo", "ewc", "multitask")  # a trained model of its own
 LORA_FAMILY = ("lora", "rslora", "dora", "qlora")
 MODULE_STAGES = ("sft", "dpo", "kto", "orpo", "ewc", "multitask")  # our bottleneck modules (offline preference
@@ -324,7 +325,7 @@ class DoraMethod(LoraMethod):
 
 class QLoraMethod(LoraMethod):
     rollout = "hf"
-    stages = tuple(s for s in LORA_TYPED_STAGES if s not in ("ewc", "multitask"))  # continual: not tried on 4-bit
+    stages = LORA_TYPED_STAGES
     note = "the shared base is loaded in 4-bit NF4 (bitsandbytes) for the whole run"
 
     def quantization_config(self):
@@ -350,10 +351,12 @@ class IA3Method(PeftMethod):
 
 
 class PromptLearningMethod(PeftMethod):
-    # peft saves P-tuning (and prefix tuning with `projection`) as the virtual tokens its encoder computed, not the
-    # encoder: nothing can continue training it. Prefix tuning continues in DPO/KTO/ORPO (policy.load_adapter puts
-    # the saved prefixes into a fresh trainable adapter, as peft refuses is_trainable for prompt learning); prompt
-    # tuning would too, but its virtual tokens lengthen the sequence TRL's preference losses read log-probs from.
+    # Continued (DPO/KTO/ORPO for prefix tuning, EWC chains for all) by policy.load_adapter: peft refuses is_trainable
+    # for prompt learning, so the saved weights go into a fresh trainable adapter (peft saves P-tuning and prefix
+    # tuning with `projection` as the virtual tokens their encoder computed; SharedPolicy.save_adapter writes the
+    # encoder beside them). Prompt tuning and P-tuning are not continued in DPO/KTO/ORPO: their virtual tokens
+    # lengthen the sequence TRL's preference losses read log-probs from (our continual losses and evaluator drop
+    # them: policy.real_token_logits); prefix tuning with `projection` was not tried there.
     stages = ("sft",)
     note = "prompt-learning adapters cannot be merged or served by vLLM"
 
@@ -365,7 +368,8 @@ class PrefixMethod(PromptLearningMethod):
 
     @property
     def stages(self):
-        return ("sft",) if self.options.projection else ("sft", "dpo", "kto", "orpo")
+        continual = ("ewc", "multitask")
+        return ("sft", *continual) if self.options.projection else ("sft", "dpo", "kto", "orpo", *continual)
 
     def peft_config(self, model):
         from peft import PrefixTuningConfig
@@ -376,6 +380,7 @@ class PrefixMethod(PromptLearningMethod):
 
 
 class PromptMethod(PromptLearningMethod):
+    stages = ("sft", "ewc", "multitask")
 
     def peft_config(self, model):
         from peft import PromptTuningConfig
@@ -389,6 +394,7 @@ class PromptMethod(PromptLearningMethod):
 
 
 class PTuningMethod(PromptLearningMethod):
+    stages = ("sft", "ewc", "multitask")
 
     def peft_config(self, model):
         from peft import PromptEncoderConfig
@@ -649,7 +655,7 @@ class BottleneckMethod(Method):
 
 class MamMethod(BottleneckMethod):
     family = "modules"
-    stages = ("sft",)
+    stages = ("sft", "ewc", "multitask")  # continual stages hook its modules into the shared base for the stage, as SFT
     note = "prefix tuning (peft) + our parallel bottleneck: HF engine only"
 
     def insert(self, policy):
@@ -725,8 +731,8 @@ def config_problems(config) -> list[str]:
     problems = []
     for i, stage in enumerate(config.stages):
         where = f"stages.{i}.adapter" if stage.adapter is not None else "adapter"
-        problems += stage_problems(i, stage.kind, config.adapter_for(stage), where)
         options = config.adapter_for(stage)
+        problems += stage_problems(i, stage.kind, options, where)
         if stage.kind == "ewc" and getattr(stage, "objective", "sft") == "dpo" and options.method not in LORA_FAMILY:
             problems.append(f"{where}.method: an `ewc` stage with `objective: dpo` trains a LoRA-family adapter only "
                             f"(TRL's in-model `ref` copy of it is the reference), not {options.method!r}; use "
@@ -917,7 +923,7 @@ def catalogue(model_path: str, configured: MethodOptions | None = None) -> list[
             log.level = level
         if isinstance(method, BaseWeightMethod):
             memory = f"after SFT: a trained copy + a frozen reference copy, +{2 * size / 2**20:.1f} MiB"
-        elif isinstance(method, BottleneckMethod) and method.stages != ("sft",):
+        elif isinstance(method, BottleneckMethod) and "dpo" in method.stages:
             memory = f"DPO/KTO/ORPO: a trained copy + a frozen reference copy, +{2 * size / 2**20:.1f} MiB"
         elif name == "qlora":
             memory = "shared base in 4-bit"

@@ -82,6 +82,22 @@ def _plain_cpu_4bit(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+PROMPT_ENCODER_FILE = "prompt_encoder.safetensors"  # P-tuning / prefix projection: the encoder, beside peft's folder
+
+
+def has_prompt_encoder(config) -> bool:
+    """P-tuning, or prefix tuning with a projection: the virtual tokens come out of a trained encoder."""
+    return config.peft_type == "P_TUNING" or bool(getattr(config, "prefix_projection", False))
+
+
+def real_token_logits(logits, input_ids):
+    """``logits`` at the positions of ``input_ids``' own tokens. peft's prompt tuning and P-tuning prepend their
+    virtual tokens to the sequence the model returns logits for (``num_virtual_tokens`` more positions, first);
+    prefix tuning and every other method return one position per input token, which this leaves as they are."""
+    extra = logits.shape[1] - input_ids.shape[1]
+    return logits[:, extra:] if extra > 0 else logits
+
+
 class SharedPolicy:
     """One base model; named adapters on it. ``model`` is the PeftModel once an adapter exists, else the base."""
 
@@ -175,19 +191,30 @@ class SharedPolicy:
     def _load_prompt_learning(self, name: str, path: Path) -> bool:
         """peft refuses to load a saved prompt-learning adapter as trainable; its saved virtual tokens put into a
         fresh trainable adapter of the same config are the same adapter (prefix and prompt tuning: what peft saves
-        is the trained embedding itself). False when the folder is not prompt learning."""
+        is the trained embedding itself). P-tuning and prefix tuning with a projection are saved by peft as the
+        virtual tokens their encoder computed: ``save_adapter`` writes the encoder beside them
+        (``prompt_encoder.safetensors``), which is loaded here. False when the folder is not prompt learning."""
         from peft import PeftConfig
         from safetensors.torch import load_file
 
         config = PeftConfig.from_pretrained(str(path))
         if not config.is_prompt_learning:
             return False
-        if config.peft_type == "P_TUNING" or getattr(config, "prefix_projection", False):
-            raise UserError(f"{path}: peft saves this {config.peft_type} adapter as its computed virtual tokens, not "
-                            "the prompt encoder that produced them, so it cannot be trained further; use prefix "
-                            "tuning without `projection`, or prompt tuning")
         config.inference_mode = False
-        self.attach(name, config, load_file(str(path / "adapter_model.safetensors")), trainable=True)
+        if has_prompt_encoder(config):
+            if not (path / PROMPT_ENCODER_FILE).is_file():
+                raise UserError(f"{path}: peft saves this {config.peft_type} adapter as its computed virtual tokens, "
+                                "not the prompt encoder that produced them, and the folder has no "
+                                f"{PROMPT_ENCODER_FILE} (the encoder, written by this framework's save), so it cannot "
+                                "be trained further; retrain it, or use prefix tuning without `projection`, or prompt "
+                                "tuning")
+            from alignment.safety import check_safetensors
+
+            check_safetensors(path / PROMPT_ENCODER_FILE, "prompt encoder weights")
+            self.attach(name, config, trainable=True)
+            self.model.prompt_encoder[name].load_state_dict(load_file(str(path / PROMPT_ENCODER_FILE)))
+        else:
+            self.attach(name, config, load_file(str(path / "adapter_model.safetensors")), trainable=True)
         self.activate(name, trainable=True)
         return True
 
@@ -202,6 +229,11 @@ class SharedPolicy:
                 if f.is_file():
                     shutil.move(str(f), tmp / f.name)
             shutil.rmtree(tmp / "saved")
+            if has_prompt_encoder(self.model.peft_config[name]):  # peft saves only what the encoder computed
+                from safetensors.torch import save_file
+
+                encoder = self.model.prompt_encoder[name].state_dict()
+                save_file({k: v.detach().contiguous() for k, v in encoder.items()}, str(tmp / PROMPT_ENCODER_FILE))
             config_file = tmp / "adapter_config.json"
             config = json.loads(config_file.read_text())
             config["base_model_name_or_path"] = self.model_path

@@ -155,6 +155,8 @@ class EWCStage(SFTStage):
         """A closure: this example's loss (NLL of the right answer; the DPO loss for the dpo objective)."""
         import torch
 
+        from alignment.policy import real_token_logits
+
         policy, tok = ctx.policy, ctx.policy.tokenizer
         prompt, answer = example["prompt"], example["choices"][example["answer"]]
 
@@ -162,7 +164,8 @@ class EWCStage(SFTStage):
             start = len(tok(prompt).input_ids)
             ids = tok(prompt + completion).input_ids + [tok.eos_token_id]
             ids_t = torch.tensor([ids], device=policy.model.device)
-            logps = torch.log_softmax(policy.model(input_ids=ids_t).logits[0, :-1].float(), -1)
+            logits = real_token_logits(policy.model(input_ids=ids_t).logits, ids_t)  # prompt tuning: real tokens only
+            logps = torch.log_softmax(logits[0, :-1].float(), -1)
             return logps.gather(-1, ids_t[0, 1:, None]).squeeze(-1)[start - 1 :]
 
         if self.config.objective == "sft":
@@ -204,8 +207,15 @@ class EWCStage(SFTStage):
 
 
 def named_trainable(model, adapter: str) -> dict:
-    """Trainable parameters by a stable name: peft's state-dict key (no adapter name), or the plain name (full)."""
-    return {n.replace(f".{adapter}.", "."): p for n, p in model.named_parameters() if p.requires_grad}
+    """Trainable parameters by a stable name: peft's state-dict key (no adapter name: LoRA's `lora_A.<adapter>.weight`,
+    IA3's `ia3_l.<adapter>` with the name last, a prompt encoder's `prompt_encoder.<adapter>.`), or the plain name
+    (base weights, bottleneck modules)."""
+    out = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            n = n.replace(f".{adapter}.", ".")
+            out[n[: -len(adapter) - 1] if adapter and n.endswith(f".{adapter}") else n] = p
+    return out
 
 
 def save_penalty(path: Path, penalty: dict, task: str) -> None:

@@ -148,6 +148,8 @@ def weighted_trainer(trainer_cls, weighting: TaskWeights, logger):
     """An SFT trainer whose loss is the alpha-weighted mean of the examples' own answer losses."""
     import torch
 
+    from alignment.policy import real_token_logits
+
     class WeightedTaskTrainer(trainer_cls):
         def _set_signature_columns_if_needed(self):
             super()._set_signature_columns_if_needed()
@@ -157,9 +159,10 @@ def weighted_trainer(trainer_cls, weighting: TaskWeights, logger):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             task_ids, labels = inputs.pop("task_id"), inputs.pop("labels")
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+            logits = real_token_logits(outputs.logits, inputs["input_ids"])  # prompt tuning: without its virtual tokens
             targets = labels[:, 1:]
             token_loss = torch.nn.functional.cross_entropy(
-                outputs.logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none"
+                logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none"
             )
             mask = targets != -100
             per_example = (token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)

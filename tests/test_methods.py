@@ -208,8 +208,8 @@ def test_bad_method_options_are_rejected_before_any_model_loads():
     assert "unknown `method`" in problems({"method": "loha"})[0]
     assert problems({"method": "bottleneck", "placement": "middle"})[0].startswith("adapter.placement:")
     assert problems({"method": "mam"}, "sft", "dpo") == [
-        "adapter.method: a 'dpo' stage does not support method 'mam' (it supports: sft); override `adapter:` "
-        "for this stage, e.g. `adapter: {method: lora}` (see `alignment methods`)"]
+        "adapter.method: a 'dpo' stage does not support method 'mam' (it supports: sft, ewc, multitask); override "
+        "`adapter:` for this stage, e.g. `adapter: {method: lora}` (see `alignment methods`)"]
     with pytest.raises(ConfigError) as e:
         config_from_dict({"name": "x", "adapter": {"method": "full"},
                           "stages": [{"kind": "ewc", "data": "toy:task/sentiment", "objective": "dpo"}]})
@@ -458,7 +458,9 @@ def test_offline_preference_stage_continues_prefix_tuning(kind, toy_dir, runs):
 
 
 def test_prompt_learning_that_cannot_continue_is_refused(toy_dir, tmp_path):
-    """P-tuning (and prefix tuning with a projection) are saved as computed virtual tokens, without their encoder."""
+    """P-tuning (and prefix tuning with a projection) are saved by peft as computed virtual tokens, without their
+    encoder: our folders carry the encoder too (prompt_encoder.safetensors) and continue from it exactly; a folder
+    without it is refused. DPO/KTO/ORPO refuse them."""
     with pytest.raises(ConfigError) as e:
         config_from_dict({"name": "x", "adapter": {"method": "ptuning"}, "stages": [{"kind": "sft"}, {"kind": "dpo"}]})
     assert e.value.problems[0].startswith("adapter.method: a 'dpo' stage does not support method 'ptuning'")
@@ -469,6 +471,13 @@ def test_prompt_learning_that_cannot_continue_is_refused(toy_dir, tmp_path):
     policy = SharedPolicy.load(str(toy_dir / "model"))
     method_for(default_options("ptuning")).prepare(policy, "policy")
     policy.save_adapter("policy", tmp_path / "pt")
+    again = SharedPolicy.load(str(toy_dir / "model"))
+    again.load_adapter("policy", tmp_path / "pt", trainable=True)
+    trained = policy.model.prompt_encoder["policy"].state_dict()
+    loaded = again.model.prompt_encoder["policy"].state_dict()
+    assert set(trained) == set(loaded) and all(torch.equal(trained[k], loaded[k]) for k in trained)
+    assert again.adapter_parameters("policy") and all(p.requires_grad for p in again.adapter_parameters("policy"))
+    (tmp_path / "pt" / "prompt_encoder.safetensors").unlink()  # as peft alone saves it
     with pytest.raises(UserError, match="computed virtual tokens"):
         SharedPolicy.load(str(toy_dir / "model")).load_adapter("policy", tmp_path / "pt", trainable=True)
 
