@@ -37,8 +37,9 @@ LORA_TYPED_STAGES = ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo", "rloo
 OTHER_PEFT_STAGES = ("sft", "dpo", "kto", "orpo")  # peft forbids mixing adapter types (no LoRA reward/value adapters beside them)
 BASE_WEIGHT_STAGES = ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo", "rloo", "ewc", "multitask")  # a trained model of its own
 LORA_FAMILY = ("lora", "rslora", "dora", "qlora")
-MODULE_STAGES = ("sft", "dpo", "kto", "orpo", "ewc", "multitask")  # our bottleneck modules (offline preference
-# stages load them onto a fresh copy of the base; continual stages, like SFT, hook them into the shared base for the stage)
+MODULE_STAGES = ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo", "rloo", "ewc", "multitask")  # our bottleneck
+# modules (the reward, preference and online stages load them onto a fresh copy of the base; continual stages, like
+# SFT, hook them into the shared base for the stage)
 
 
 class MethodOptions(BaseModel):
@@ -262,6 +263,11 @@ class Method:
     def release(self, policy: SharedPolicy, name: str) -> None:
         """After a stage: give the shared base back as it was loaded (base-weight and module methods)."""
 
+    def online_copy(self, shared: SharedPolicy, folder: Path) -> SharedPolicy:
+        """Online stages, for a method that changes the base: the saved policy at ``folder`` on a copy of the base of
+        its own, trainable by this method (``FrozenBasePolicy``); its ``model`` is what trains."""
+        raise NotImplementedError
+
     def trainer_args(self) -> dict:
         """Extra TRL/transformers training arguments the method needs."""
         return {}
@@ -436,6 +442,15 @@ class BaseWeightMethod(Method):
         mark_trainable(policy.base, self.selected(policy.base) if trainable else [])
         return policy.base
 
+    def online_copy(self, shared, folder):
+        from transformers import AutoModelForCausalLM
+
+        from alignment.policy import SharedPolicy
+
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=shared.base.dtype).to(shared.base.device)
+        mark_trainable(model, self.selected(model))
+        return SharedPolicy(model, shared.tokenizer, shared.model_path)
+
     def release(self, policy, name):
         policy.restore_base()
 
@@ -447,6 +462,18 @@ class BaseWeightMethod(Method):
             return "hf", ("trains the tied input/output embeddings, which vLLM's in-place weight reload does not "
                           "update (its output head keeps the old matrix): HF engine")
         return self.rollout, self.note
+
+
+def fresh_copy(shared: SharedPolicy) -> SharedPolicy:
+    """A ``SharedPolicy`` on a fresh, frozen copy of the shared policy's base (as loaded from its folder)."""
+    from transformers import AutoModelForCausalLM
+
+    from alignment.policy import SharedPolicy
+
+    base = AutoModelForCausalLM.from_pretrained(shared.model_path, dtype=shared.base.dtype).to(shared.base.device)
+    base.requires_grad_(False)
+    base.config.use_cache = True
+    return SharedPolicy(base, shared.tokenizer, shared.model_path)
 
 
 def mark_trainable(model, names) -> None:
@@ -551,11 +578,20 @@ def _bottleneck_class():
             self.up = torch.nn.Linear(size, hidden, dtype=dtype, device=device)
             self.act = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "silu": torch.nn.SiLU}[activation]()
             self.scaling = scaling
+            self.parallel = False  # reads the sublayer's input (parallel placement) instead of its output
             torch.nn.init.zeros_(self.up.weight)
             torch.nn.init.zeros_(self.up.bias)
 
         def forward(self, x):
             return self.scaling * self.up(self.act(self.down(x)))
+
+        def apply_to(self, module, args, kwargs, output):
+            """The forward hook on the sublayer. A bound method, not a closure: ``copy.deepcopy`` of the model then
+            hooks the copied sublayer to the copied adapter (a closure would still call the original's)."""
+            x = args[0] if args else kwargs["hidden_states"]
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = hidden + self(x if self.parallel else hidden)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     return Bottleneck
 
@@ -573,20 +609,10 @@ def insert_bottlenecks(model, size: int, placement: str, activation: str, scalin
     for layer in inner.layers:
         for sublayer, parallel in PLACEMENTS[placement]:
             adapter = Bottleneck(model.config.hidden_size, size, activation, scaling, ref.dtype, ref.device)
+            adapter.parallel = parallel
             layer.add_module(f"{sublayer}_adapter", adapter)
-            adapter.hook = getattr(layer, sublayer).register_forward_hook(_adapter_hook(adapter, parallel),
-                                                                          with_kwargs=True)
+            adapter.handle = getattr(layer, sublayer).register_forward_hook(adapter.apply_to, with_kwargs=True)
     return [n for n, _ in model.named_parameters() if "_adapter." in n]
-
-
-def _adapter_hook(adapter, parallel: bool):
-    def hook(module, args, kwargs, output):
-        x = args[0] if args else kwargs["hidden_states"]
-        hidden = output[0] if isinstance(output, tuple) else output
-        hidden = hidden + adapter(x if parallel else hidden)
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-    return hook
 
 
 def remove_bottlenecks(model) -> None:
@@ -595,7 +621,7 @@ def remove_bottlenecks(model) -> None:
         for sublayer in ("self_attn", "mlp"):
             adapter = getattr(layer, f"{sublayer}_adapter", None)
             if adapter is not None:
-                adapter.hook.remove()
+                adapter.handle.remove()
                 delattr(layer, f"{sublayer}_adapter")
 
 
@@ -641,6 +667,11 @@ class BottleneckMethod(Method):
             params[n].data.copy_(state[n])
             params[n].requires_grad_(trainable)
         return policy.base
+
+    def online_copy(self, shared, folder):
+        own = fresh_copy(shared)
+        self.load(own, "policy", folder, trainable=True)  # only the modules train; the copy's base stays frozen
+        return own
 
     def release(self, policy, name):
         remove_bottlenecks(policy.base)
@@ -747,24 +778,23 @@ def quantization_for(config):
 
 
 class FrozenBasePolicy:
-    """What an online stage sees when the policy's method trains base weights (full, freeze, head, modules, bitfit).
+    """What an online stage sees when the policy's method changes the base: it trains base weights (full, freeze,
+    head, modules, bitfit) or hooks our bottleneck modules into the layers.
 
-    Nothing can share weights that the policy changes, so three models are held:
-        `policy`     the trainable model (loaded from the SFT artifact)
+    Nothing can share weights or layers that the policy changes, so three models are held:
+        `policy`     the trainable model: the SFT artifact on a copy of the base of its own (``Method.online_copy``)
         `reference`  a frozen copy of it as the stage starts (the SFT policy)
         shared base  the unchanged base of the run, where the reward and value adapters (LoRA) live
     Every name other than `policy`/`reference` is handed to the shared ``SharedPolicy``. The cost: two extra copies of
     the base weights (see ``memory_note``).
     """
 
-    def __init__(self, shared: SharedPolicy, method: BaseWeightMethod, folder: Path):
-        from transformers import AutoModelForCausalLM
-
+    def __init__(self, shared: SharedPolicy, method: Method, folder: Path):
         self.shared, self.method = shared, method
         self.tokenizer, self.model_path = shared.tokenizer, shared.model_path
-        self.policy_model = AutoModelForCausalLM.from_pretrained(folder, dtype=shared.base.dtype).to(shared.base.device)
-        mark_trainable(self.policy_model, method.selected(self.policy_model))
-        self.reference_model = copy.deepcopy(self.policy_model).eval()
+        self.own = method.online_copy(shared, folder)
+        self.policy_model = self.own.model
+        self.reference_model = copy.deepcopy(self.policy_model).eval()  # bottleneck hooks follow the copy
         self.reference_model.requires_grad_(False)
 
     def __getattr__(self, name):  # base, model, backbone, attach... of the shared base
@@ -793,14 +823,14 @@ class FrozenBasePolicy:
         return self.shared.adapter_parameters(name)
 
     def save_adapter(self, name: str, folder: Path) -> None:
+        """`policy` in the format of the method's SFT artifact (a model folder, or bottleneck.safetensors)."""
         if name != "policy":
             return self.shared.save_adapter(name, folder)
-        from alignment.io import atomic_dir
+        self.method.save(self.own, "policy", Path(folder))
 
-        with atomic_dir(Path(folder)) as tmp:
-            self.policy_model.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-            (tmp / "method.json").write_text(json.dumps(self.method.options.model_dump()))
+    def policy_tensors(self) -> dict[str, torch.Tensor]:
+        """The policy's trainable tensors, by name: what a checkpoint keeps of it (the rest is the SFT artifact)."""
+        return {f"policy/{n}": p for n, p in self.policy_model.named_parameters() if p.requires_grad}
 
     def delete_adapter(self, name: str) -> None:
         if name == "reference":
@@ -831,14 +861,16 @@ def online_policy(ctx):
         policy.load_adapter("policy", ctx.artifact("policy"), trainable=True)
         policy.freeze_copy("policy", "reference")
         return policy
-    if not isinstance(method, BaseWeightMethod):
+    if isinstance(method, MamMethod) or not isinstance(method, (BaseWeightMethod, BottleneckMethod)):
         from alignment.errors import UserError
 
         raise UserError(f"stages.{ctx.index}.adapter.method: {method.name!r} is not supported by online stages")
     from alignment.metrics import console
 
-    console.print(f"adapter.method {method.name}: the policy trains base weights; reference and reward/value "
-                  f"adapters use frozen copies ({memory_note(policy.base, where=' in online stages')})")
+    what = "trains base weights" if method.family == "base" else "hooks its modules into the base's layers"
+    console.print(f"adapter.method {method.name}: the policy {what}; it trains on its own copy of the base, the "
+                  f"reference is a frozen copy and the reward/value adapters stay on the shared base "
+                  f"({memory_note(policy.base, where=' in online stages')})")
     return FrozenBasePolicy(policy, method, ctx.artifact("policy"))
 
 
@@ -907,10 +939,8 @@ def catalogue(model_path: str, configured: MethodOptions | None = None) -> list[
             trainable, total, size, (rollout, why) = count_trainable(model_path, options)
         finally:
             log.level = level
-        if isinstance(method, BaseWeightMethod):
+        if isinstance(method, BaseWeightMethod) or (isinstance(method, BottleneckMethod) and method.stages != ("sft",)):
             memory = f"after SFT: a trained copy + a frozen reference copy, +{2 * size / 2**20:.1f} MiB"
-        elif isinstance(method, BottleneckMethod) and method.stages != ("sft",):
-            memory = f"DPO/KTO/ORPO: a trained copy + a frozen reference copy, +{2 * size / 2**20:.1f} MiB"
         elif name == "qlora":
             memory = "shared base in 4-bit"
         else:
