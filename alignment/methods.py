@@ -240,6 +240,7 @@ class Method:
     rollout: ClassVar[str]
     stages: ClassVar[tuple[str, ...]]
     changes_base: ClassVar[bool] = False  # the trained policy is not an adapter on the shared, unchanged base
+    own_copy_online: ClassVar[bool] = False  # online stages train it on a copy of the base of its own (``online_copy``)
     note: ClassVar[str] = ""
 
     def __init__(self, options: MethodOptions):
@@ -344,7 +345,14 @@ class QLoraMethod(LoraMethod):
 
 class IA3Method(PeftMethod):
     rollout = "merged"
+    stages = (*OTHER_PEFT_STAGES, "ppo", "grpo", "rloo")  # online: on a copy of the base of its own (see below)
+    own_copy_online = True  # peft holds one adapter type per model: not beside the LoRA value/reward adapters
     note = "IA3 scalings merge into the base weights; vLLM serves no IA3 adapters"
+
+    def online_copy(self, shared, folder):
+        own = fresh_copy(shared)
+        own.load_adapter("policy", folder, trainable=True)  # only the IA3 scalings train
+        return own
 
     def peft_config(self, model):
         from peft import IA3Config
@@ -414,6 +422,7 @@ class BaseWeightMethod(Method):
     rollout = "merged"
     stages = BASE_WEIGHT_STAGES
     changes_base = True
+    own_copy_online = True
 
     def selected(self, model) -> list[str]:
         """Names of the base parameters this method trains."""
@@ -633,6 +642,7 @@ class BottleneckMethod(Method):
     rollout = "hf"
     stages = MODULE_STAGES
     changes_base = True
+    own_copy_online = True
     note = "our own modules: neither peft nor vLLM know them"
 
     def insert(self, policy) -> list[str]:
@@ -680,6 +690,7 @@ class BottleneckMethod(Method):
 class MamMethod(BottleneckMethod):
     family = "modules"
     stages = ("sft",)
+    own_copy_online = False
     note = "prefix tuning (peft) + our parallel bottleneck: HF engine only"
 
     def insert(self, policy):
@@ -778,8 +789,9 @@ def quantization_for(config):
 
 
 class FrozenBasePolicy:
-    """What an online stage sees when the policy's method changes the base: it trains base weights (full, freeze,
-    head, modules, bitfit) or hooks our bottleneck modules into the layers.
+    """What an online stage sees when the policy's method changes the base (it trains base weights: full, freeze,
+    head, modules, bitfit; or hooks our bottleneck modules into the layers) or is a peft adapter that cannot sit
+    beside the LoRA value/reward adapters (IA3: peft holds one adapter type per model).
 
     Nothing can share weights or layers that the policy changes, so three models are held:
         `policy`     the trainable model: the SFT artifact on a copy of the base of its own (``Method.online_copy``)
@@ -845,29 +857,39 @@ class FrozenBasePolicy:
     def checkpointing(self, on: bool = True):
         from alignment.policy import gradient_checkpointing
 
-        return gradient_checkpointing([self.policy_model, self.shared.base], on)
+        return gradient_checkpointing([self.own.base, self.shared.base], on)
 
     def policy_state_dict(self) -> dict[str, torch.Tensor]:
-        """The policy's full weights (for a full-weight reload into vLLM)."""
-        return {k: v.detach().clone().contiguous() for k, v in self.policy_model.state_dict().items()}
+        """The policy's full weights (for a full-weight reload into vLLM). A peft adapter on the copy (IA3) is
+        merged into a throwaway copy: merging in place and unmerging would leave rounding in the copy's base."""
+        import torch
+
+        with torch.no_grad():
+            model = copy.deepcopy(self.policy_model).merge_and_unload() if self.own.adapters else self.policy_model
+            return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
 
 def online_policy(ctx):
     """The policy an online stage trains: the shared one with `policy` and a frozen `reference` adapter, or, for a
-    base-weight method, a ``FrozenBasePolicy`` (said on the console with its memory cost)."""
+    method that trains on a copy of its own (base-weight, bottleneck, IA3), a ``FrozenBasePolicy`` (said on the
+    console with its memory cost)."""
     method = method_for(ctx.adapter)
     policy = ctx.policy
-    if not method.changes_base:
+    if not method.changes_base and not method.own_copy_online:
         policy.load_adapter("policy", ctx.artifact("policy"), trainable=True)
         policy.freeze_copy("policy", "reference")
         return policy
-    if isinstance(method, MamMethod) or not isinstance(method, (BaseWeightMethod, BottleneckMethod)):
+    if not method.own_copy_online:
         from alignment.errors import UserError
 
         raise UserError(f"stages.{ctx.index}.adapter.method: {method.name!r} is not supported by online stages")
     from alignment.metrics import console
 
-    what = "trains base weights" if method.family == "base" else "hooks its modules into the base's layers"
+    what = {"base": "trains base weights", "modules": "hooks its modules into the base's layers",
+            "peft": "is a peft adapter of another type than the LoRA value/reward adapters"}[method.family]
+    if method.family == "peft":  # an earlier stage of this process left it (`policy`) on the shared base: unload it
+        for name in [a for a in policy.adapters if policy.model.peft_config[a].peft_type != "LORA"]:
+            policy.delete_adapter(name)
     console.print(f"adapter.method {method.name}: the policy {what}; it trains on its own copy of the base, the "
                   f"reference is a frozen copy and the reward/value adapters stay on the shared base "
                   f"({memory_note(policy.base, where=' in online stages')})")
@@ -943,6 +965,8 @@ def catalogue(model_path: str, configured: MethodOptions | None = None) -> list[
             memory = f"after SFT: a trained copy + a frozen reference copy, +{2 * size / 2**20:.1f} MiB"
         elif name == "qlora":
             memory = "shared base in 4-bit"
+        elif method.own_copy_online:
+            memory = f"shared base; PPO/GRPO/RLOO: a trained copy + a frozen reference copy, +{2 * size / 2**20:.1f} MiB"
         else:
             memory = "shared base"
         rows.append({

@@ -110,9 +110,9 @@ def test_ppo_with_bottleneck_modules(toy_dir, runs, held):
         assert torch.equal(model(**batch).logits, trained(**batch).logits)
 
 
-@pytest.mark.parametrize("kind", ["grpo"])
+@pytest.mark.parametrize("kind", ["grpo", "rloo"])
 def test_group_stage_with_bottleneck_modules(kind, toy_dir, runs, held):
-    """SFT -> GRPO with bottleneck modules (checkpointed every iteration): the modules moved, KL 0 before the first
+    """SFT -> GRPO / RLOO with bottleneck modules (checkpointed every iteration): the modules moved, KL 0 before the first
     update, the policy copy's base and the shared base stay the toy's."""
     pipeline, summary, run_dir = run_pipeline(runs, BOTTLENECK, SFT_STAGE, {"kind": kind, **GROUP}, name=f"b-{kind}")
     sft, stage = summary["stages"]
@@ -184,3 +184,54 @@ def test_ppo_with_bottleneck_modules_killed_and_resumed_ends_where_an_uninterrup
     assert [x["step"] for x in lines] == [1, 2, 3] and lines == logged(ref / "1-ppo")
     got, want = (load_file(str(r / "1-ppo" / "adapters" / "policy" / BOTTLENECK_FILE)) for r in (run, ref))
     assert set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_validate_accepts_the_stages_the_matrix_names_and_refuses_the_rest():
+    """Bottleneck in the reward and online stages, IA3 in the online stages; MAM online and IA3 in the reward stage
+    are still refused with the one-line message."""
+    from alignment.config import config_from_dict
+    from alignment.errors import ConfigError
+
+    def stages(kind):
+        return [{"kind": "sft"}, {"kind": kind, "reward": "toy_gold"} if kind != "reward" else {"kind": "reward"}]
+
+    for kind in ("reward", "ppo", "grpo", "rloo"):
+        config_from_dict({"name": "x", "adapter": BOTTLENECK, "stages": stages(kind)})
+    for kind in ("ppo", "grpo", "rloo"):
+        config_from_dict({"name": "x", "adapter": {"method": "ia3"}, "stages": stages(kind)})
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"name": "x", "adapter": {"method": "mam"}, "stages": stages("ppo")})
+    assert e.value.problems == [
+        "adapter.method: a 'ppo' stage does not support method 'mam' (it supports: sft); override `adapter:` for this "
+        "stage, e.g. `adapter: {method: lora}` (see `alignment methods`)"]
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"name": "x", "adapter": {"method": "ia3"}, "stages": stages("reward")})
+    assert e.value.problems[0].startswith("adapter.method: a 'reward' stage does not support method 'ia3' (it "
+                                          "supports: sft, dpo, kto, orpo, ppo, grpo, rloo)")
+
+
+def test_ppo_with_ia3_on_a_copy_of_its_own(toy_dir, runs, held):
+    """SFT -> PPO with IA3 (which peft cannot hold beside the LoRA value adapter): the policy is the SFT adapter on a
+    copy of the base of its own, the full-weight reload into vLLM (merged on a throwaway copy) matches the trainer's
+    log-probs, KL 0 before the first update, exactly the IA3 scalings moved, the copy's base and the shared base stay
+    the toy's, and the saved adapter reloads to the trained policy's logits."""
+    pipeline, summary, run_dir = run_pipeline(runs, {"method": "ia3"}, SFT_STAGE, PPO, name="ia3-ppo")
+    sft, stage = summary["stages"]
+    assert stage["engine"] == "vllm" and stage["sync_mode"] == "merged"
+    assert stage["metrics"]["sync_logprob_diff_max"] < 1e-3
+    assert first_metrics(run_dir, "1-ppo")["kl"] == pytest.approx(0.0, abs=1e-6)
+    file = "adapter_model.safetensors"
+    before, after = (load_file(str(run_dir / s["artifacts"]["policy"] / file)) for s in (sft, stage))
+    assert set(before) == set(after) and all("ia3_" in n for n in after)
+    assert changed_names(before, after) == set(before)
+    (policy,) = held
+    trained = policy.policy_model
+    base = {n.replace("base_model.model.", "").replace(".base_layer", ""): t
+            for n, t in trained.state_dict().items() if "ia3_" not in n}
+    assert all(torch.equal(base[n], t) for n, t in toy_weights(toy_dir).items())
+    assert_shared_base_is_the_toys(pipeline, toy_dir)
+    reloaded = SharedPolicy.load(str(toy_dir / "model"))
+    reloaded.load_adapter("policy", run_dir / stage["artifacts"]["policy"])
+    batch = reloaded.tokenizer([p + a for p, a in zip(PROMPTS, ANSWERS)], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.equal(reloaded.model(**batch).logits, trained(**batch).logits)
