@@ -265,8 +265,8 @@ class Method:
         """After a stage: give the shared base back as it was loaded (base-weight and module methods)."""
 
     def online_copy(self, shared: SharedPolicy, folder: Path) -> SharedPolicy:
-        """Online stages, for a method that changes the base: the saved policy at ``folder`` on a copy of the base of
-        its own, trainable by this method (``FrozenBasePolicy``); its ``model`` is what trains."""
+        """Online stages, for a method with ``own_copy_online``: the saved policy at ``folder`` on a copy of the base
+        of its own, trainable by this method (``FrozenBasePolicy``); its ``model`` is what trains."""
         raise NotImplementedError
 
     def trainer_args(self) -> dict:
@@ -961,7 +961,7 @@ def catalogue(model_path: str, configured: MethodOptions | None = None) -> list[
             trainable, total, size, (rollout, why) = count_trainable(model_path, options)
         finally:
             log.level = level
-        if isinstance(method, BaseWeightMethod) or (isinstance(method, BottleneckMethod) and method.stages != ("sft",)):
+        if method.changes_base and method.own_copy_online:  # base-weight methods, bottleneck (not MAM)
             memory = f"after SFT: a trained copy + a frozen reference copy, +{2 * size / 2**20:.1f} MiB"
         elif name == "qlora":
             memory = "shared base in 4-bit"
