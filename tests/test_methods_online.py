@@ -207,7 +207,7 @@ def test_validate_accepts_the_stages_the_matrix_names_and_refuses_the_rest():
     with pytest.raises(ConfigError) as e:
         config_from_dict({"name": "x", "adapter": {"method": "ia3"}, "stages": stages("reward")})
     assert e.value.problems[0].startswith("adapter.method: a 'reward' stage does not support method 'ia3' (it "
-                                          "supports: sft, dpo, kto, orpo, ppo, grpo, rloo)")
+                                          "supports: sft, dpo, kto, orpo")
 
 
 def test_ppo_with_ia3_on_a_copy_of_its_own(toy_dir, runs, held):
