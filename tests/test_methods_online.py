@@ -235,3 +235,20 @@ def test_ppo_with_ia3_on_a_copy_of_its_own(toy_dir, runs, held):
     batch = reloaded.tokenizer([p + a for p, a in zip(PROMPTS, ANSWERS)], return_tensors="pt", padding=True)
     with torch.no_grad():
         assert torch.equal(reloaded.model(**batch).logits, trained(**batch).logits)
+
+
+def test_group_stage_with_ia3_on_a_copy_of_its_own(toy_dir, runs, held):
+    """SFT -> RLOO with IA3 (HF engine): the IA3 scalings moved, KL 0 before the first update, the copy's base and
+    the shared base stay the toy's."""
+    stage_cfg = {"kind": "rloo", **GROUP, "rollout": {"engine": "hf"}}
+    pipeline, summary, run_dir = run_pipeline(runs, {"method": "ia3"}, SFT_STAGE, stage_cfg, name="ia3-rloo")
+    sft, stage = summary["stages"]
+    assert stage["engine"] == "hf"
+    file = "adapter_model.safetensors"
+    before, after = (load_file(str(run_dir / s["artifacts"]["policy"] / file)) for s in (sft, stage))
+    assert set(before) == set(after) and changed_names(before, after) == set(before)
+    assert first_metrics(run_dir, "1-rloo")["kl"] == pytest.approx(0.0, abs=1e-6)
+    base = {n.replace("base_model.model.", "").replace(".base_layer", ""): t
+            for n, t in held[0].policy_model.state_dict().items() if "ia3_" not in n}
+    assert all(torch.equal(base[n], t) for n, t in toy_weights(toy_dir).items())
+    assert_shared_base_is_the_toys(pipeline, toy_dir)
