@@ -90,7 +90,8 @@ def test_deep_copy_of_a_model_with_bottlenecks_has_its_own_modules(toy_dir):
 def test_ppo_with_bottleneck_modules(toy_dir, runs, held):
     """SFT -> PPO with bottleneck modules: the HF engine; KL 0 before the first update (the reference is the SFT
     policy); exactly the modules of the policy's own copy moved, every base parameter of that copy and of the shared
-    base is the toy's bit for bit; the saved policy (the SFT format) reloads to the trained policy's logits."""
+    base is the toy's bit for bit; the saved policy (the SFT format) reloads to the trained policy's logits, and
+    `alignment generate` on the run samples greedily what the trained policy does."""
     pipeline, summary, run_dir = run_pipeline(runs, BOTTLENECK, SFT_STAGE, PPO, name="b-ppo")
     sft, stage = summary["stages"]
     assert stage["engine"] == "hf" and stage["metrics"]["sync_logprob_diff_max"] < 1e-4
@@ -108,6 +109,11 @@ def test_ppo_with_bottleneck_modules(toy_dir, runs, held):
     batch = reloaded.tokenizer([p + a for p, a in zip(PROMPTS, ANSWERS)], return_tensors="pt", padding=True)
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, trained(**batch).logits)
+    from alignment.evaluation import generate_greedy
+    from alignment.export import Generator
+
+    expected = [t.strip() for t, _ in generate_greedy(trained.eval(), reloaded.tokenizer, PROMPTS, 8)]
+    assert [t.strip() for t in Generator(str(run_dir))(PROMPTS, max_new_tokens=8)] == expected  # `alignment generate`
 
 
 @pytest.mark.parametrize("kind", ["grpo", "rloo"])
