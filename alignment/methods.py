@@ -966,7 +966,8 @@ def catalogue(model_path: str, configured: MethodOptions | None = None) -> list[
         elif name == "qlora":
             memory = "shared base in 4-bit"
         elif method.own_copy_online:
-            memory = f"shared base; PPO/GRPO/RLOO: a trained copy + a frozen reference copy, +{2 * size / 2**20:.1f} MiB"
+            copies = f"a trained copy + a frozen reference copy, +{2 * size / 2**20:.1f} MiB"
+            memory = f"shared base; PPO/GRPO/RLOO: {copies}"
         else:
             memory = "shared base"
         rows.append({

@@ -1,7 +1,9 @@
-"""Methods that change the base in the reward and online stages (alignment/methods.py ``FrozenBasePolicy``), on the
-real toy model: bottleneck modules in PPO / GRPO train only the modules of the policy's own copy of the base, the
-reference is the SFT policy (KL 0 before the first update), the saved policy reloads to the same logits; a
-bottleneck reward model trains on a copy of its own and PPO holds it as a separate frozen model."""
+"""Methods that train on a copy of the base of their own in the reward and online stages (alignment/methods.py
+``FrozenBasePolicy``), on the real toy model: bottleneck modules and IA3 in PPO / GRPO / RLOO train only the
+method's parameters of the policy's own copy of the base, the reference is the SFT policy (KL 0 before the first
+update), the saved policy reloads to the same logits, a killed PPO resumes to an uninterrupted run's end; a
+bottleneck reward model trains on a copy of its own and PPO holds it as a separate frozen model. ``held`` keeps
+the policy the stage built (the real ``online_policy``) so its copy can be inspected after the stage."""
 
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ import reward_models.trained
 from alignment.methods import BOTTLENECK_FILE, BottleneckMethod, BottleneckOptions, insert_bottlenecks
 from alignment.policy import SharedPolicy
 from tests.test_methods import (
-    PROMPTS,
     ANSWERS,
+    PROMPTS,
     SFT_STAGE,
     assert_shared_base_is_the_toys,
     changed_names,
@@ -105,7 +107,8 @@ def test_ppo_with_bottleneck_modules(toy_dir, runs, held):
     assert_base_is_the_toys(trained, toy_dir)
     assert_shared_base_is_the_toys(pipeline, toy_dir)
     reloaded = SharedPolicy.load(str(toy_dir / "model"))
-    model = BottleneckMethod(BottleneckOptions(**BOTTLENECK)).load(reloaded, "policy", run_dir / stage["artifacts"]["policy"])
+    folder = run_dir / stage["artifacts"]["policy"]
+    model = BottleneckMethod(BottleneckOptions(**BOTTLENECK)).load(reloaded, "policy", folder)
     batch = reloaded.tokenizer([p + a for p, a in zip(PROMPTS, ANSWERS)], return_tensors="pt", padding=True)
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, trained(**batch).logits)
@@ -118,8 +121,8 @@ def test_ppo_with_bottleneck_modules(toy_dir, runs, held):
 
 @pytest.mark.parametrize("kind", ["grpo", "rloo"])
 def test_group_stage_with_bottleneck_modules(kind, toy_dir, runs, held):
-    """SFT -> GRPO / RLOO with bottleneck modules (checkpointed every iteration): the modules moved, KL 0 before the first
-    update, the policy copy's base and the shared base stay the toy's."""
+    """SFT -> GRPO / RLOO with bottleneck modules (checkpointed every iteration): the modules moved, KL 0 before the
+    first update, the policy copy's base and the shared base stay the toy's."""
     pipeline, summary, run_dir = run_pipeline(runs, BOTTLENECK, SFT_STAGE, {"kind": kind, **GROUP}, name=f"b-{kind}")
     sft, stage = summary["stages"]
     assert stage["engine"] == "hf"
