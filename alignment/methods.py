@@ -39,8 +39,9 @@ OTHER_PEFT_STAGES = ("sft", "dpo", "kto", "orpo", "ewc", "multitask")  # peft fo
 # reward/value adapters beside them); continual stages put none there
 BASE_WEIGHT_STAGES = ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo", "rloo", "ewc", "multitask")  # a trained model of its own
 LORA_FAMILY = ("lora", "rslora", "dora", "qlora")
-MODULE_STAGES = ("sft", "dpo", "kto", "orpo", "ewc", "multitask")  # our bottleneck modules (offline preference
-# stages load them onto a fresh copy of the base; continual stages, like SFT, hook them into the shared base for the stage)
+MODULE_STAGES = ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo", "rloo", "ewc", "multitask")  # our bottleneck
+# modules (the reward, preference and online stages load them onto a fresh copy of the base; continual stages, like
+# SFT, hook them into the shared base for the stage)
 
 
 class MethodOptions(BaseModel):
@@ -241,6 +242,7 @@ class Method:
     rollout: ClassVar[str]
     stages: ClassVar[tuple[str, ...]]
     changes_base: ClassVar[bool] = False  # the trained policy is not an adapter on the shared, unchanged base
+    own_copy_online: ClassVar[bool] = False  # online stages train it on a copy of the base of its own (``online_copy``)
     note: ClassVar[str] = ""
 
     def __init__(self, options: MethodOptions):
@@ -263,6 +265,11 @@ class Method:
 
     def release(self, policy: SharedPolicy, name: str) -> None:
         """After a stage: give the shared base back as it was loaded (base-weight and module methods)."""
+
+    def online_copy(self, shared: SharedPolicy, folder: Path) -> SharedPolicy:
+        """Online stages, for a method with ``own_copy_online``: the saved policy at ``folder`` on a copy of the base
+        of its own, trainable by this method (``FrozenBasePolicy``); its ``model`` is what trains."""
+        raise NotImplementedError
 
     def trainer_args(self) -> dict:
         """Extra TRL/transformers training arguments the method needs."""
@@ -340,7 +347,14 @@ class QLoraMethod(LoraMethod):
 
 class IA3Method(PeftMethod):
     rollout = "merged"
+    stages = tuple(s for s in ALL_STAGES if s in (*OTHER_PEFT_STAGES, "ppo", "grpo", "rloo"))  # online: on a copy of the base of its own (see below)
+    own_copy_online = True  # peft holds one adapter type per model: not beside the LoRA value/reward adapters
     note = "IA3 scalings merge into the base weights; vLLM serves no IA3 adapters"
+
+    def online_copy(self, shared, folder):
+        own = fresh_copy(shared)
+        own.load_adapter("policy", folder, trainable=True)  # only the IA3 scalings train
+        return own
 
     def peft_config(self, model):
         from peft import IA3Config
@@ -415,6 +429,7 @@ class BaseWeightMethod(Method):
     rollout = "merged"
     stages = BASE_WEIGHT_STAGES
     changes_base = True
+    own_copy_online = True
 
     def selected(self, model) -> list[str]:
         """Names of the base parameters this method trains."""
@@ -443,6 +458,15 @@ class BaseWeightMethod(Method):
         mark_trainable(policy.base, self.selected(policy.base) if trainable else [])
         return policy.base
 
+    def online_copy(self, shared, folder):
+        from transformers import AutoModelForCausalLM
+
+        from alignment.policy import SharedPolicy
+
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=shared.base.dtype).to(shared.base.device)
+        mark_trainable(model, self.selected(model))
+        return SharedPolicy(model, shared.tokenizer, shared.model_path)
+
     def release(self, policy, name):
         policy.restore_base()
 
@@ -454,6 +478,18 @@ class BaseWeightMethod(Method):
             return "hf", ("trains the tied input/output embeddings, which vLLM's in-place weight reload does not "
                           "update (its output head keeps the old matrix): HF engine")
         return self.rollout, self.note
+
+
+def fresh_copy(shared: SharedPolicy) -> SharedPolicy:
+    """A ``SharedPolicy`` on a fresh, frozen copy of the shared policy's base (as loaded from its folder)."""
+    from transformers import AutoModelForCausalLM
+
+    from alignment.policy import SharedPolicy
+
+    base = AutoModelForCausalLM.from_pretrained(shared.model_path, dtype=shared.base.dtype).to(shared.base.device)
+    base.requires_grad_(False)
+    base.config.use_cache = True
+    return SharedPolicy(base, shared.tokenizer, shared.model_path)
 
 
 def mark_trainable(model, names) -> None:
@@ -558,11 +594,20 @@ def _bottleneck_class():
             self.up = torch.nn.Linear(size, hidden, dtype=dtype, device=device)
             self.act = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "silu": torch.nn.SiLU}[activation]()
             self.scaling = scaling
+            self.parallel = False  # reads the sublayer's input (parallel placement) instead of its output
             torch.nn.init.zeros_(self.up.weight)
             torch.nn.init.zeros_(self.up.bias)
 
         def forward(self, x):
             return self.scaling * self.up(self.act(self.down(x)))
+
+        def apply_to(self, module, args, kwargs, output):
+            """The forward hook on the sublayer. A bound method, not a closure: ``copy.deepcopy`` of the model then
+            hooks the copied sublayer to the copied adapter (a closure would still call the original's)."""
+            x = args[0] if args else kwargs["hidden_states"]
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = hidden + self(x if self.parallel else hidden)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     return Bottleneck
 
@@ -580,20 +625,10 @@ def insert_bottlenecks(model, size: int, placement: str, activation: str, scalin
     for layer in inner.layers:
         for sublayer, parallel in PLACEMENTS[placement]:
             adapter = Bottleneck(model.config.hidden_size, size, activation, scaling, ref.dtype, ref.device)
+            adapter.parallel = parallel
             layer.add_module(f"{sublayer}_adapter", adapter)
-            adapter.hook = getattr(layer, sublayer).register_forward_hook(_adapter_hook(adapter, parallel),
-                                                                          with_kwargs=True)
+            adapter.handle = getattr(layer, sublayer).register_forward_hook(adapter.apply_to, with_kwargs=True)
     return [n for n, _ in model.named_parameters() if "_adapter." in n]
-
-
-def _adapter_hook(adapter, parallel: bool):
-    def hook(module, args, kwargs, output):
-        x = args[0] if args else kwargs["hidden_states"]
-        hidden = output[0] if isinstance(output, tuple) else output
-        hidden = hidden + adapter(x if parallel else hidden)
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-    return hook
 
 
 def remove_bottlenecks(model) -> None:
@@ -602,7 +637,7 @@ def remove_bottlenecks(model) -> None:
         for sublayer in ("self_attn", "mlp"):
             adapter = getattr(layer, f"{sublayer}_adapter", None)
             if adapter is not None:
-                adapter.hook.remove()
+                adapter.handle.remove()
                 delattr(layer, f"{sublayer}_adapter")
 
 
@@ -614,6 +649,7 @@ class BottleneckMethod(Method):
     rollout = "hf"
     stages = MODULE_STAGES
     changes_base = True
+    own_copy_online = True
     note = "our own modules: neither peft nor vLLM know them"
 
     def insert(self, policy) -> list[str]:
@@ -649,6 +685,11 @@ class BottleneckMethod(Method):
             params[n].requires_grad_(trainable)
         return policy.base
 
+    def online_copy(self, shared, folder):
+        own = fresh_copy(shared)
+        self.load(own, "policy", folder, trainable=True)  # only the modules train; the copy's base stays frozen
+        return own
+
     def release(self, policy, name):
         remove_bottlenecks(policy.base)
 
@@ -656,6 +697,7 @@ class BottleneckMethod(Method):
 class MamMethod(BottleneckMethod):
     family = "modules"
     stages = ("sft", "ewc", "multitask")  # continual stages hook its modules into the shared base for the stage, as SFT
+    own_copy_online = False
     note = "prefix tuning (peft) + our parallel bottleneck: HF engine only"
 
     def insert(self, policy):
@@ -754,24 +796,24 @@ def quantization_for(config):
 
 
 class FrozenBasePolicy:
-    """What an online stage sees when the policy's method trains base weights (full, freeze, head, modules, bitfit).
+    """What an online stage sees when the policy's method changes the base (it trains base weights: full, freeze,
+    head, modules, bitfit; or hooks our bottleneck modules into the layers) or is a peft adapter that cannot sit
+    beside the LoRA value/reward adapters (IA3: peft holds one adapter type per model).
 
-    Nothing can share weights that the policy changes, so three models are held:
-        `policy`     the trainable model (loaded from the SFT artifact)
+    Nothing can share weights or layers that the policy changes, so three models are held:
+        `policy`     the trainable model: the SFT artifact on a copy of the base of its own (``Method.online_copy``)
         `reference`  a frozen copy of it as the stage starts (the SFT policy)
         shared base  the unchanged base of the run, where the reward and value adapters (LoRA) live
     Every name other than `policy`/`reference` is handed to the shared ``SharedPolicy``. The cost: two extra copies of
     the base weights (see ``memory_note``).
     """
 
-    def __init__(self, shared: SharedPolicy, method: BaseWeightMethod, folder: Path):
-        from transformers import AutoModelForCausalLM
-
+    def __init__(self, shared: SharedPolicy, method: Method, folder: Path):
         self.shared, self.method = shared, method
         self.tokenizer, self.model_path = shared.tokenizer, shared.model_path
-        self.policy_model = AutoModelForCausalLM.from_pretrained(folder, dtype=shared.base.dtype).to(shared.base.device)
-        mark_trainable(self.policy_model, method.selected(self.policy_model))
-        self.reference_model = copy.deepcopy(self.policy_model).eval()
+        self.own = method.online_copy(shared, folder)
+        self.policy_model = self.own.model
+        self.reference_model = copy.deepcopy(self.policy_model).eval()  # bottleneck hooks follow the copy
         self.reference_model.requires_grad_(False)
 
     def __getattr__(self, name):  # base, model, backbone, attach... of the shared base
@@ -800,14 +842,14 @@ class FrozenBasePolicy:
         return self.shared.adapter_parameters(name)
 
     def save_adapter(self, name: str, folder: Path) -> None:
+        """`policy` in the format of the method's SFT artifact (a model folder, or bottleneck.safetensors)."""
         if name != "policy":
             return self.shared.save_adapter(name, folder)
-        from alignment.io import atomic_dir
+        self.method.save(self.own, "policy", Path(folder))
 
-        with atomic_dir(Path(folder)) as tmp:
-            self.policy_model.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-            (tmp / "method.json").write_text(json.dumps(self.method.options.model_dump()))
+    def policy_tensors(self) -> dict[str, torch.Tensor]:
+        """The policy's trainable tensors, by name: what a checkpoint keeps of it (the rest is the SFT artifact)."""
+        return {f"policy/{n}": p for n, p in self.policy_model.named_parameters() if p.requires_grad}
 
     def delete_adapter(self, name: str) -> None:
         if name == "reference":
@@ -822,11 +864,16 @@ class FrozenBasePolicy:
     def checkpointing(self, on: bool = True):
         from alignment.policy import gradient_checkpointing
 
-        return gradient_checkpointing([self.policy_model, self.shared.base], on)
+        return gradient_checkpointing([self.own.base, self.shared.base], on)
 
     def policy_state_dict(self) -> dict[str, torch.Tensor]:
-        """The policy's full weights (for a full-weight reload into vLLM)."""
-        return {k: v.detach().clone().contiguous() for k, v in self.policy_model.state_dict().items()}
+        """The policy's full weights (for a full-weight reload into vLLM). A peft adapter on the copy (IA3) is
+        merged into a throwaway copy: merging in place and unmerging would leave rounding in the copy's base."""
+        import torch
+
+        with torch.no_grad():
+            model = copy.deepcopy(self.policy_model).merge_and_unload() if self.own.adapters else self.policy_model
+            return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
 
 @contextlib.contextmanager
@@ -838,21 +885,28 @@ def _entered(context, value):
 
 def online_policy(ctx):
     """The policy an online stage trains: the shared one with `policy` and a frozen `reference` adapter, or, for a
-    base-weight method, a ``FrozenBasePolicy`` (said on the console with its memory cost)."""
+    method that trains on a copy of its own (base-weight, bottleneck, IA3), a ``FrozenBasePolicy`` (said on the
+    console with its memory cost)."""
     method = method_for(ctx.adapter)
     policy = ctx.policy
-    if not method.changes_base:
+    if not method.changes_base and not method.own_copy_online:
         policy.load_adapter("policy", ctx.artifact("policy"), trainable=True)
         policy.freeze_copy("policy", "reference")
         return policy
-    if not isinstance(method, BaseWeightMethod):
+    if not method.own_copy_online:
         from alignment.errors import UserError
 
         raise UserError(f"stages.{ctx.index}.adapter.method: {method.name!r} is not supported by online stages")
     from alignment.metrics import console
 
-    console.print(f"adapter.method {method.name}: the policy trains base weights; reference and reward/value "
-                  f"adapters use frozen copies ({memory_note(policy.base, where=' in online stages')})")
+    what = {"base": "trains base weights", "modules": "hooks its modules into the base's layers",
+            "peft": "is a peft adapter of another type than the LoRA value/reward adapters"}[method.family]
+    if method.family == "peft":  # an earlier stage of this process left it (`policy`) on the shared base: unload it
+        for name in [a for a in policy.adapters if policy.model.peft_config[a].peft_type != "LORA"]:
+            policy.delete_adapter(name)
+    console.print(f"adapter.method {method.name}: the policy {what}; it trains on its own copy of the base, the "
+                  f"reference is a frozen copy and the reward/value adapters stay on the shared base "
+                  f"({memory_note(policy.base, where=' in online stages')})")
     return FrozenBasePolicy(policy, method, ctx.artifact("policy"))
 
 
@@ -921,12 +975,13 @@ def catalogue(model_path: str, configured: MethodOptions | None = None) -> list[
             trainable, total, size, (rollout, why) = count_trainable(model_path, options)
         finally:
             log.level = level
-        if isinstance(method, BaseWeightMethod):
+        if method.changes_base and method.own_copy_online:  # base-weight methods, bottleneck (not MAM)
             memory = f"after SFT: a trained copy + a frozen reference copy, +{2 * size / 2**20:.1f} MiB"
-        elif isinstance(method, BottleneckMethod) and "dpo" in method.stages:
-            memory = f"DPO/KTO/ORPO: a trained copy + a frozen reference copy, +{2 * size / 2**20:.1f} MiB"
         elif name == "qlora":
             memory = "shared base in 4-bit"
+        elif method.own_copy_online:
+            copies = f"a trained copy + a frozen reference copy, +{2 * size / 2**20:.1f} MiB"
+            memory = f"shared base; PPO/GRPO/RLOO: {copies}"
         else:
             memory = "shared base"
         rows.append({

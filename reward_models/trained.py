@@ -5,8 +5,9 @@ On disk it is a stock peft folder for sequence classification (``task_type: SEQ_
 plus ``PeftModel.from_pretrained(model, folder)`` gives the same scores. In the pipeline it lives on the shared
 base as a named adapter (default ``reward``): no second copy of the base. The adapter may be any of the LoRA family
 (rsLoRA and DoRA flags are kept). A reward model trained with a base-weight method (full, freeze, ...) is a plain
-model folder with the head in ``score/`` (``save_base_reward_model``); ``TrainedRewardModel.load`` holds it as a
-separate frozen model.
+model folder with the head in ``score/`` (``save_base_reward_model``; with bottleneck modules the folder holds the
+modules as the SFT artifact does, ``bottleneck.safetensors`` + ``method.json``, instead of the model's weights);
+``TrainedRewardModel.load`` holds it as a separate frozen model.
 """
 
 from __future__ import annotations
@@ -76,15 +77,21 @@ BASE_SCORE_FILE = "score/score.safetensors"  # outside the model folder's top le
 
 
 def save_base_reward_model(policy, head, folder: Path, stats: dict, options) -> None:
-    """A reward model that trained base weights (full, freeze, ...): a plain model folder, the score head in
+    """A reward model on a copy of the base of its own: for a method that trained base weights (full, freeze, ...) a
+    plain model folder, for bottleneck modules the modules (``BottleneckMethod.save_modules``); the score head in
     ``score/``, the method and base in ``method.json`` (atomically)."""
     from safetensors.torch import save_file
 
     from alignment.io import atomic_dir
+    from alignment.methods import BottleneckMethod, method_for
 
+    method = method_for(options)
     with atomic_dir(Path(folder)) as tmp:
-        policy.base.save_pretrained(tmp, safe_serialization=True)
-        policy.tokenizer.save_pretrained(tmp)
+        if isinstance(method, BottleneckMethod):
+            method.save_modules(policy, tmp)
+        else:
+            policy.base.save_pretrained(tmp, safe_serialization=True)
+            policy.tokenizer.save_pretrained(tmp)
         (tmp / "score").mkdir()
         save_file({SCORE_KEY: head.weight.detach().clone().contiguous()}, str(tmp / BASE_SCORE_FILE))
         (tmp / "method.json").write_text(json.dumps({**options.model_dump(), "base": policy.model_path}))
@@ -96,7 +103,7 @@ def load_base_reward_model(cls, folder: Path, policy, adapter_name: str, **kwarg
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from alignment.methods import parameter_bytes
+    from alignment.methods import BOTTLENECK_FILE, OPTION_CLASSES, method_for, parameter_bytes
     from alignment.metrics import console
     from alignment.policy import SharedPolicy, load_tokenizer
 
@@ -106,20 +113,28 @@ def load_base_reward_model(cls, folder: Path, policy, adapter_name: str, **kwarg
         raise UserError(f"{folder / 'method.json'}: reward model was trained on base {recorded!r}, not the configured "
                         f"model {policy.model_path!r}; set `model:` to that base or retrain the reward model")
     dtype = policy.base.dtype if policy is not None else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    modules = (folder / BOTTLENECK_FILE).exists()  # bottleneck modules on the base, not a model folder
+    base_path = (policy.model_path if policy is not None else recorded) if modules else str(folder)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
     if policy is not None:
         model = model.to(policy.base.device)
     model.requires_grad_(False)
     model.eval()
-    tokenizer = policy.tokenizer if policy is not None else load_tokenizer(str(folder))
+    tokenizer = policy.tokenizer if policy is not None else load_tokenizer(base_path)
     own = SharedPolicy(model, tokenizer, recorded or str(folder))
+    if modules:
+        options = json.loads((folder / "method.json").read_text())
+        options.pop("base", None)
+        method_for(OPTION_CLASSES[options["method"]](**options)).load(own, adapter_name, folder)  # frozen
+        model.eval()
     head_weight = load_file(str(folder / BASE_SCORE_FILE))[SCORE_KEY]
     head = torch.nn.Linear(head_weight.shape[1], 1, bias=False, dtype=head_weight.dtype)
     head.weight.data.copy_(head_weight)
     head.requires_grad_(False)
     stats_file = folder / STATS_FILE
     stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
-    console.print(f"reward model {folder.name}: trained base weights; held as a separate frozen model "
+    what = "bottleneck modules on the base" if modules else "trained base weights"
+    console.print(f"reward model {folder.name}: {what}; held as a separate frozen model "
                   f"(+{parameter_bytes(model) / 2**20:.1f} MiB)")
     return cls(own, None, head.to(model.device), stats=stats, **kwargs)
 

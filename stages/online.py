@@ -66,7 +66,7 @@ class OnlineRun:
         self.ctx, self.cfg, self.policy = ctx, cfg, ctx.policy
         rows = load_rows(cfg.prompts, cfg.columns, f"stages.{ctx.index}.prompts")
         self.prompts = self._prompt_texts(rows)
-        self.policy = online_policy(ctx)  # `policy` + frozen `reference` (copies for base-weight methods)
+        self.policy = online_policy(ctx)  # `policy` + frozen `reference` (copies for base-weight / module methods)
         self.policy.model.eval()  # a trainer earlier in this process leaves training mode on; checkpointing is ours
         self.reward_model, self.normalized = self._reward_model()
         self.engine = None  # started by start_engine(), after the stage has added its own adapters
@@ -240,6 +240,7 @@ class OnlineRun:
             "seen_prompts": self.seen_prompts,
             "extra": extra or {},
         }
+        adapters, tensors = self._checkpointed(adapters, tensors)
         checkpoint.write_stage_checkpoint(self.ctx, iteration, adapters, tensors, optimizers, state)
 
     def resume(self, adapters: tuple[str, ...], tensors: dict, optimizers: dict) -> tuple[int, dict]:
@@ -247,6 +248,7 @@ class OnlineRun:
         first iteration to run, ``extra``). Without a checkpoint: (1, {})."""
         from alignment import checkpoint
 
+        adapters, tensors = self._checkpointed(adapters, tensors)
         state = checkpoint.read_stage_checkpoint(self.ctx, adapters, tensors, optimizers)
         if state is None:
             return 1, {}
@@ -258,6 +260,14 @@ class OnlineRun:
         self.seen_prompts = state.get("seen_prompts", [])
         self.iteration = checkpoint.checkpoint_step(self.ctx.resume)
         return self.iteration + 1, state["extra"]
+
+    def _checkpointed(self, adapters: tuple[str, ...], tensors: dict) -> tuple[tuple[str, ...], dict]:
+        """A policy on a copy of the base of its own (``FrozenBasePolicy``) is no adapter of the shared base: its
+        trainable tensors go into the checkpoint with the other tensors, and are restored in place as they are."""
+        own = getattr(self.policy, "policy_tensors", None)
+        if own is None or "policy" not in adapters:
+            return adapters, tensors
+        return tuple(a for a in adapters if a != "policy"), {**tensors, **own()}
 
     def check_gradients(self, iteration: int, norm) -> None:
         """Stops the stage on a NaN/inf gradient norm (before the optimiser step), logs spikes."""

@@ -28,7 +28,8 @@ class RewardConfig(ScheduleFields):  # + layer_lr_decay, unfreeze_every, unfreez
 
 class RewardStage:
     """Reward model (Bradley-Terry): a score head + a `reward` adapter (LoRA family) on the shared base, or, for a
-    method that trains base weights, on a copy of the base of its own."""
+    method that changes the base (trains base weights, or hooks bottleneck modules into it), on a copy of the base
+    of its own."""
 
     Config = RewardConfig
 
@@ -191,22 +192,24 @@ class RewardStage:
 
     def _scorer(self, ctx: StageContext):
         """(policy to score with, adapter name): a fresh `reward` adapter on the shared base (peft methods), or, for
-        a method that trains base weights, a copy of the base of its own (adapter None), as nothing may share
-        weights it changes; PPO later holds that reward model as a separate frozen model."""
+        a method that changes the base (base weights, bottleneck modules), a copy of the base of its own (adapter
+        None), as nothing may share weights or layers it changes; PPO later holds that reward model as a separate
+        frozen model."""
         from alignment.methods import method_for
         from alignment.metrics import console
         from stages.dpo import fresh_policy
 
         method, policy = method_for(ctx.adapter), ctx.policy
-        if method.family != "base":
+        if not method.changes_base:
             policy.add_adapter(self.config.adapter_name, ctx.adapter)
             return policy, self.config.adapter_name
         from alignment.methods import memory_note
 
         scorer = fresh_policy(policy)
-        method.prepare(scorer, self.config.adapter_name)
-        console.print(f"adapter.method {method.name}: the reward model trains base weights, on its own copy of the "
-                      f"base ({memory_note(policy.base, 1)}; online stages hold it as a separate frozen model)")
+        method.prepare(scorer, self.config.adapter_name)  # bottleneck: the modules go into the copy's layers
+        what = "trains base weights" if method.family == "base" else "hooks its modules into the base's layers"
+        console.print(f"adapter.method {method.name}: the reward model {what}, on its own copy of the base "
+                      f"({memory_note(policy.base, 1)}; online stages hold it as a separate frozen model)")
         return scorer, None
 
     @staticmethod

@@ -1,0 +1,263 @@
+"""Methods that train on a copy of the base of their own in the reward and online stages (alignment/methods.py
+``FrozenBasePolicy``), on the real toy model: bottleneck modules and IA3 in PPO / GRPO / RLOO train only the
+method's parameters of the policy's own copy of the base, the reference is the SFT policy (KL 0 before the first
+update), the saved policy reloads to the same logits, a killed PPO resumes to an uninterrupted run's end; a
+bottleneck reward model trains on a copy of its own and PPO holds it as a separate frozen model. ``held`` keeps
+the policy the stage built (the real ``online_policy``) so its copy can be inspected after the stage."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import alignment.methods
+import reward_models.trained
+from alignment.methods import BOTTLENECK_FILE, BottleneckMethod, BottleneckOptions, insert_bottlenecks
+from alignment.policy import SharedPolicy
+from tests.test_methods import (
+    ANSWERS,
+    PROMPTS,
+    SFT_STAGE,
+    assert_shared_base_is_the_toys,
+    changed_names,
+    run_pipeline,
+    toy_weights,
+)
+
+BOTTLENECK = {"method": "bottleneck", "size": 8}
+PPO = {"kind": "ppo", "reward": "toy_gold", "iterations": 2, "batch_size": 4, "minibatch_size": 4, "ppo_epochs": 1,
+       "max_new_tokens": 8, "learning_rate": 1.0e-3, "gold_eval_every": 100, "sync_check_every": 1,
+       "checkpoint_every": 1, "reward_normalization": "running"}
+GROUP = {"reward": "toy_gold", "iterations": 2, "batch_size": 2, "group_size": 2, "minibatch_size": 4,
+         "ppo_epochs": 1, "max_new_tokens": 8, "learning_rate": 1.0e-3, "gold_eval_every": 100,
+         "checkpoint_every": 1}
+REWARD = {"kind": "reward", "max_steps": 2, "batch_size": 4, "max_samples": 32, "learning_rate": 1.0e-3}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("online_method_runs")
+
+
+@pytest.fixture
+def held(monkeypatch):
+    """The policy an online stage builds (the real ``online_policy``, its result kept for the asserts)."""
+    kept = []
+    real = alignment.methods.online_policy
+
+    def keep(ctx):
+        kept.append(real(ctx))
+        return kept[-1]
+
+    monkeypatch.setattr(alignment.methods, "online_policy", keep)
+    return kept
+
+
+def first_metrics(run_dir, stage: str) -> dict:
+    return json.loads((run_dir / stage / "metrics.jsonl").read_text().splitlines()[0])
+
+
+def modules_of(run_dir, stage: dict, artifact: str = "policy") -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / stage["artifacts"][artifact] / BOTTLENECK_FILE))
+
+
+def assert_base_is_the_toys(model, toy_dir) -> None:
+    """Every base parameter of ``model`` (a copy with modules) is the toy's, bit for bit."""
+    state = {n: t for n, t in model.state_dict().items() if "_adapter." not in n}
+    toy = toy_weights(toy_dir)
+    assert set(toy) <= set(state)
+    assert all(torch.equal(state[n], t) for n, t in toy.items())
+
+
+def test_deep_copy_of_a_model_with_bottlenecks_has_its_own_modules(toy_dir):
+    """The online reference is ``copy.deepcopy`` of the policy: its hooks must call its own modules, so changing the
+    policy's modules leaves the copy's outputs as they were (a closure hook would still call the original's)."""
+    model = SharedPolicy.load(str(toy_dir / "model")).base
+    insert_bottlenecks(model, 8, "houlsby", "relu", 1.0)
+    ids = torch.tensor([[1, 5, 9, 12, 7]])
+    with torch.no_grad():
+        before = model(ids).logits
+        reference = copy.deepcopy(model)
+        for name, param in model.named_parameters():
+            if "_adapter.up" in name:
+                param.add_(0.1)
+        assert not torch.equal(model(ids).logits, before)
+        assert torch.equal(reference(ids).logits, before)
+
+
+def test_ppo_with_bottleneck_modules(toy_dir, runs, held):
+    """SFT -> PPO with bottleneck modules: the HF engine; KL 0 before the first update (the reference is the SFT
+    policy); exactly the modules of the policy's own copy moved, every base parameter of that copy and of the shared
+    base is the toy's bit for bit; the saved policy (the SFT format) reloads to the trained policy's logits, and
+    `alignment generate` on the run samples greedily what the trained policy does."""
+    pipeline, summary, run_dir = run_pipeline(runs, BOTTLENECK, SFT_STAGE, PPO, name="b-ppo")
+    sft, stage = summary["stages"]
+    assert stage["engine"] == "hf" and stage["metrics"]["sync_logprob_diff_max"] < 1e-4
+    assert first_metrics(run_dir, "1-ppo")["kl"] == pytest.approx(0.0, abs=1e-6)
+    before, after = modules_of(run_dir, sft), modules_of(run_dir, stage)
+    assert set(before) == set(after) and all("_adapter." in n for n in after)
+    assert changed_names(before, after) == set(before)
+    (policy,) = held
+    trained = policy.policy_model
+    assert {n for n, p in trained.named_parameters() if p.requires_grad} == set(before)
+    assert_base_is_the_toys(trained, toy_dir)
+    assert_shared_base_is_the_toys(pipeline, toy_dir)
+    reloaded = SharedPolicy.load(str(toy_dir / "model"))
+    folder = run_dir / stage["artifacts"]["policy"]
+    model = BottleneckMethod(BottleneckOptions(**BOTTLENECK)).load(reloaded, "policy", folder)
+    batch = reloaded.tokenizer([p + a for p, a in zip(PROMPTS, ANSWERS)], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, trained(**batch).logits)
+    from alignment.evaluation import generate_greedy
+    from alignment.export import Generator
+
+    expected = [t.strip() for t, _ in generate_greedy(trained.eval(), reloaded.tokenizer, PROMPTS, 8)]
+    assert [t.strip() for t in Generator(str(run_dir))(PROMPTS, max_new_tokens=8)] == expected  # `alignment generate`
+
+
+@pytest.mark.parametrize("kind", ["grpo", "rloo"])
+def test_group_stage_with_bottleneck_modules(kind, toy_dir, runs, held):
+    """SFT -> GRPO / RLOO with bottleneck modules (checkpointed every iteration): the modules moved, KL 0 before the
+    first update, the policy copy's base and the shared base stay the toy's."""
+    pipeline, summary, run_dir = run_pipeline(runs, BOTTLENECK, SFT_STAGE, {"kind": kind, **GROUP}, name=f"b-{kind}")
+    sft, stage = summary["stages"]
+    assert stage["engine"] == "hf"
+    assert changed_names(modules_of(run_dir, sft), modules_of(run_dir, stage)) == set(modules_of(run_dir, sft))
+    assert first_metrics(run_dir, f"1-{kind}")["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert_base_is_the_toys(held[0].policy_model, toy_dir)
+    assert_shared_base_is_the_toys(pipeline, toy_dir)
+
+
+def test_reward_stage_with_bottleneck_modules_then_ppo(toy_dir, runs, monkeypatch):
+    """SFT (LoRA) -> reward (bottleneck modules on its own copy of the base) -> PPO with that reward model: every
+    module's up projection moved off its zero start, the copy's base is the toy's bit for bit, the saved folder holds
+    only the modules and the head, and it scores as the trained model did (loaded alone and beside the pipeline's
+    policy); PPO runs with it; the shared base stays the toy's."""
+    from reward_models import TrainedRewardModel
+    from reward_models.trained import sequence_rewards
+
+    trained = []
+    real = reward_models.trained.save_base_reward_model
+
+    def keep(policy, head, folder, stats, options):
+        trained.append((policy, head))
+        return real(policy, head, folder, stats, options)
+
+    monkeypatch.setattr(reward_models.trained, "save_base_reward_model", keep)
+    ppo = {**PPO, "reward": "trained", "iterations": 1, "reward_normalization": "fixed", "rollout": {"engine": "hf"}}
+    pipeline, summary, run_dir = run_pipeline(runs, {"method": "lora", "r": 4}, SFT_STAGE,
+                                              {**REWARD, "adapter": BOTTLENECK}, ppo, name="b-reward")
+    assert [s["status"] for s in summary["stages"]] == ["done"] * 3
+    folder = run_dir / summary["stages"][1]["artifacts"]["reward_model"]
+    saved = load_file(str(folder / BOTTLENECK_FILE))
+    assert saved and all("_adapter." in n for n in saved) and not (folder / "model.safetensors").exists()
+    assert all(t.abs().max() > 0 for n, t in saved.items() if ".up." in n)
+    (scorer, head), = trained
+    assert_base_is_the_toys(scorer.base, toy_dir)
+    with torch.no_grad():
+        expected = sequence_rewards(scorer, None, head, [p + a for p, a in zip(PROMPTS, ANSWERS)], 512)
+    standalone = TrainedRewardModel.load(folder).score(PROMPTS, ANSWERS)
+    on_policy = TrainedRewardModel.load(folder, policy=pipeline.policy()).score(PROMPTS, ANSWERS)
+    assert torch.equal(standalone, expected) and torch.equal(on_policy, expected)
+    assert_shared_base_is_the_toys(pipeline, toy_dir)
+
+
+def test_ppo_with_bottleneck_modules_killed_and_resumed_ends_where_an_uninterrupted_run_does(tmp_path, toy_dir):
+    """A policy on its own copy of the base is checkpointed as its trainable tensors (with the value adapter, head,
+    optimisers and RNGs): kill -9 inside PPO, rerun, and every iteration's numbers and the final modules equal an
+    uninterrupted run's."""
+    import signal
+
+    import yaml
+
+    from tests.forked import run_forked
+    from tests.test_resume import cli, logged
+
+    raw = {"name": "bottleneck", "model": str(toy_dir / "model"), "output_dir": str(tmp_path / "runs"),
+           "adapter": BOTTLENECK, "stages": [{**SFT_STAGE}, {**PPO, "iterations": 3}]}
+    config = tmp_path / "bottleneck.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    rc, err = run_forked(["run", str(config), "name=reference"], tmp_path / "stderr-reference.txt")
+    assert rc == 0, err[-3000:]
+    rc, err = cli(tmp_path, config, kill_at="1-ppo:step:2")
+    assert rc == -signal.SIGKILL, err[-3000:]
+    rc, err = cli(tmp_path, config)
+    assert rc == 0, err[-3000:]
+    assert "resuming 1-ppo from iter-00001" in err
+    run, ref = tmp_path / "runs" / "bottleneck", tmp_path / "runs" / "reference"
+    lines = logged(run / "1-ppo")
+    assert [x["step"] for x in lines] == [1, 2, 3] and lines == logged(ref / "1-ppo")
+    got, want = (load_file(str(r / "1-ppo" / "adapters" / "policy" / BOTTLENECK_FILE)) for r in (run, ref))
+    assert set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_validate_accepts_the_stages_the_matrix_names_and_refuses_the_rest():
+    """Bottleneck in the reward and online stages, IA3 in the online stages; MAM online and IA3 in the reward stage
+    are still refused with the one-line message."""
+    from alignment.config import config_from_dict
+    from alignment.errors import ConfigError
+
+    def stages(kind):
+        return [{"kind": "sft"}, {"kind": kind, "reward": "toy_gold"} if kind != "reward" else {"kind": "reward"}]
+
+    for kind in ("reward", "ppo", "grpo", "rloo"):
+        config_from_dict({"name": "x", "adapter": BOTTLENECK, "stages": stages(kind)})
+    for kind in ("ppo", "grpo", "rloo"):
+        config_from_dict({"name": "x", "adapter": {"method": "ia3"}, "stages": stages(kind)})
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"name": "x", "adapter": {"method": "mam"}, "stages": stages("ppo")})
+    assert e.value.problems == [
+        "adapter.method: a 'ppo' stage does not support method 'mam' (it supports: sft); override `adapter:` for this "
+        "stage, e.g. `adapter: {method: lora}` (see `alignment methods`)"]
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"name": "x", "adapter": {"method": "ia3"}, "stages": stages("reward")})
+    assert e.value.problems[0].startswith("adapter.method: a 'reward' stage does not support method 'ia3' (it "
+                                          "supports: sft, dpo, kto, orpo")
+
+
+def test_ppo_with_ia3_on_a_copy_of_its_own(toy_dir, runs, held):
+    """SFT -> PPO with IA3 (which peft cannot hold beside the LoRA value adapter): the policy is the SFT adapter on a
+    copy of the base of its own, the full-weight reload into vLLM (merged on a throwaway copy) matches the trainer's
+    log-probs, KL 0 before the first update, exactly the IA3 scalings moved, the copy's base and the shared base stay
+    the toy's, and the saved adapter reloads to the trained policy's logits."""
+    pipeline, summary, run_dir = run_pipeline(runs, {"method": "ia3"}, SFT_STAGE, PPO, name="ia3-ppo")
+    sft, stage = summary["stages"]
+    assert stage["engine"] == "vllm" and stage["sync_mode"] == "merged"
+    assert stage["metrics"]["sync_logprob_diff_max"] < 1e-3
+    assert first_metrics(run_dir, "1-ppo")["kl"] == pytest.approx(0.0, abs=1e-6)
+    file = "adapter_model.safetensors"
+    before, after = (load_file(str(run_dir / s["artifacts"]["policy"] / file)) for s in (sft, stage))
+    assert set(before) == set(after) and all("ia3_" in n for n in after)
+    assert changed_names(before, after) == set(before)
+    (policy,) = held
+    trained = policy.policy_model
+    base = {n.replace("base_model.model.", "").replace(".base_layer", ""): t
+            for n, t in trained.state_dict().items() if "ia3_" not in n}
+    assert all(torch.equal(base[n], t) for n, t in toy_weights(toy_dir).items())
+    assert_shared_base_is_the_toys(pipeline, toy_dir)
+    reloaded = SharedPolicy.load(str(toy_dir / "model"))
+    reloaded.load_adapter("policy", run_dir / stage["artifacts"]["policy"])
+    batch = reloaded.tokenizer([p + a for p, a in zip(PROMPTS, ANSWERS)], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.equal(reloaded.model(**batch).logits, trained(**batch).logits)
+
+
+def test_group_stage_with_ia3_on_a_copy_of_its_own(toy_dir, runs, held):
+    """SFT -> RLOO with IA3 (HF engine): the IA3 scalings moved, KL 0 before the first update, the copy's base and
+    the shared base stay the toy's."""
+    stage_cfg = {"kind": "rloo", **GROUP, "rollout": {"engine": "hf"}}
+    pipeline, summary, run_dir = run_pipeline(runs, {"method": "ia3"}, SFT_STAGE, stage_cfg, name="ia3-rloo")
+    sft, stage = summary["stages"]
+    assert stage["engine"] == "hf"
+    file = "adapter_model.safetensors"
+    before, after = (load_file(str(run_dir / s["artifacts"]["policy"] / file)) for s in (sft, stage))
+    assert set(before) == set(after) and changed_names(before, after) == set(before)
+    assert first_metrics(run_dir, "1-rloo")["kl"] == pytest.approx(0.0, abs=1e-6)
+    base = {n.replace("base_model.model.", "").replace(".base_layer", ""): t
+            for n, t in held[0].policy_model.state_dict().items() if "ia3_" not in n}
+    assert all(torch.equal(base[n], t) for n, t in toy_weights(toy_dir).items())
+    assert_shared_base_is_the_toys(pipeline, toy_dir)
