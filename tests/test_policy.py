@@ -156,3 +156,35 @@ def test_half_precision_base_runs_adapters_under_autocast(toy_dir):
     fp32.add_adapter("policy", AdapterConfig(r=4))
     with fp32.using("policy") as model:
         assert not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
+def test_merged_weights_for_vllm_leave_the_shared_base_bit_identical(toy_dir, method):
+    """The `merged` sync writes base + `policy` merged; the shared base (under the reference, reward and value
+    adapters too) must come out bit for bit as it went in, which peft's merge + unmerge does not guarantee."""
+    import copy
+
+    from alignment.methods import OPTION_CLASSES
+    from alignment.rollout.vllm import _merged_state
+
+    policy = SharedPolicy.load(str(toy_dir / "model"))
+    policy.add_adapter("policy", OPTION_CLASSES[method]())
+    policy.add_adapter("value", AdapterConfig(r=4)) if method != "ia3" else None
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in policy.model.named_parameters():
+            if ".policy" in n and ("lora_B" in n or "ia3_l" in n or "magnitude" in n):
+                p.add_(torch.randn_like(p) * 0.05)
+    before = {n: p.detach().clone() for n, p in policy.base.named_parameters()}
+    state = _merged_state(policy)
+    after = dict(policy.base.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    with policy.using("policy") as model:
+        merged = copy.deepcopy(model)
+    merged.delete_adapter("value") if method != "ia3" else None
+    expected = merged.merge_and_unload().state_dict()
+    assert set(expected) - {"lm_head.weight"} <= set(state)
+    for name, tensor in expected.items():
+        assert torch.allclose(state[name], tensor, atol=1e-6), name
+    plain = {n.replace(".base_layer.", "."): t for n, t in before.items()}
+    assert any(not torch.equal(state[n], plain[n]) for n in plain if n in state)  # the adapter was merged in
