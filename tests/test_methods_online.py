@@ -211,7 +211,7 @@ def test_validate_accepts_the_stages_the_matrix_names_and_refuses_the_rest():
     with pytest.raises(ConfigError) as e:
         config_from_dict({"name": "x", "adapter": {"method": "mam"}, "stages": stages("ppo")})
     assert e.value.problems == [
-        "adapter.method: a 'ppo' stage does not support method 'mam' (it supports: sft); override `adapter:` for this "
+        "adapter.method: a 'ppo' stage does not support method 'mam' (it supports: sft, ewc, multitask); override `adapter:` for this "
         "stage, e.g. `adapter: {method: lora}` (see `alignment methods`)"]
     with pytest.raises(ConfigError) as e:
         config_from_dict({"name": "x", "adapter": {"method": "ia3"}, "stages": stages("reward")})
