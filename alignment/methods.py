@@ -370,7 +370,7 @@ class PromptLearningMethod(PeftMethod):
     # tuning with `projection` as the virtual tokens their encoder computed; SharedPolicy.save_adapter writes the
     # encoder beside them). Prompt tuning and P-tuning are not continued in DPO/KTO/ORPO: their virtual tokens
     # lengthen the sequence TRL's preference losses read log-probs from (our continual losses and evaluator drop
-    # them: policy.real_token_logits); prefix tuning with `projection` was not tried there.
+    # them: policy.real_token_logits).
     stages = ("sft",)
     note = "prompt-learning adapters cannot be merged or served by vLLM"
 
@@ -382,8 +382,7 @@ class PrefixMethod(PromptLearningMethod):
 
     @property
     def stages(self):
-        continual = ("ewc", "multitask")
-        return ("sft", *continual) if self.options.projection else ("sft", "dpo", "kto", "orpo", *continual)
+        return ("sft", "dpo", "kto", "orpo", "ewc", "multitask")
 
     def peft_config(self, model):
         from peft import PrefixTuningConfig

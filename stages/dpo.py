@@ -171,7 +171,11 @@ class OfflinePolicy:
         from peft import set_peft_model_state_dict
 
         policy = self.ctx.policy
-        set_peft_model_state_dict(policy.model, policy.adapter_state(TRL_TRAINED), adapter_name=TRL_REFERENCE)
+        if policy.model.peft_config[TRL_TRAINED].is_prompt_learning:  # the trained module itself (a prefix
+            encoders = policy.model.prompt_encoder  # projection's encoder, not the virtual tokens peft's state holds)
+            encoders[TRL_REFERENCE].load_state_dict(encoders[TRL_TRAINED].state_dict())
+        else:
+            set_peft_model_state_dict(policy.model, policy.adapter_state(TRL_TRAINED), adapter_name=TRL_REFERENCE)
         for name, param in policy.model.named_parameters():
             if name.endswith(f".{TRL_REFERENCE}") or f".{TRL_REFERENCE}." in name:
                 param.requires_grad_(False)
@@ -229,9 +233,16 @@ def reference_drift(policy, sft_adapter: Path) -> float:
     """Max |TRL's `ref` adapter - the SFT adapter on disk|: the reference must still be exactly the SFT policy."""
     from safetensors.torch import load_file
 
+    from alignment.policy import PROMPT_ENCODER_FILE
+
     sft_weights = load_file(sft_adapter / "adapter_model.safetensors")
     reference = {k.replace(f".{TRL_REFERENCE}.", "."): v for k, v in policy.adapter_state(TRL_REFERENCE).items()}
-    return max(float((reference[k].float() - v.float()).abs().max()) for k, v in sft_weights.items())
+    drift = max(float((reference[k].float() - v.float()).abs().max()) for k, v in sft_weights.items())
+    if (sft_adapter / PROMPT_ENCODER_FILE).is_file():  # P-tuning / prefix projection: the encoder itself too
+        encoder = policy.model.prompt_encoder[TRL_REFERENCE].state_dict()
+        saved = load_file(sft_adapter / PROMPT_ENCODER_FILE)
+        drift = max([drift, *(float((encoder[k].float() - v.float()).abs().max()) for k, v in saved.items())])
+    return drift
 
 
 def save_policy(ctx: StageContext) -> Path:

@@ -441,17 +441,25 @@ def test_continual_stage_with_a_method(kind, adapter, toy_dir, runs):
     assert_shared_base_is_the_toys(pipeline, toy_dir)
 
 
+@pytest.mark.parametrize("projection", [False, True])
 @pytest.mark.parametrize("kind", ["dpo", "kto", "orpo"])
-def test_offline_preference_stage_continues_prefix_tuning(kind, toy_dir, runs):
+def test_offline_preference_stage_continues_prefix_tuning(kind, projection, toy_dir, runs):
     """peft refuses to load a saved prompt-learning adapter as trainable; the saved prefixes in a fresh trainable
     adapter are the same adapter, so DPO/KTO/ORPO continue prefix tuning: the prefixes moved from the SFT ones,
-    TRL's `ref` copy is the SFT adapter bit for bit (no reference in ORPO), the shared base stays the toy's."""
-    pipeline, summary, run_dir = run_pipeline(runs, {"method": "prefix", "num_virtual_tokens": 4}, SFT_STAGE,
-                                              {"kind": kind, **OFFLINE})
+    TRL's `ref` copy is the SFT adapter bit for bit (no reference in ORPO), the shared base stays the toy's. With
+    `projection` the encoder (saved beside peft's computed prefixes) continues: every encoder tensor moved, and the
+    reference holds the SFT encoder bit for bit."""
+    adapter = {"method": "prefix", "num_virtual_tokens": 4, "projection": projection}
+    pipeline, summary, run_dir = run_pipeline(runs, adapter, SFT_STAGE, {"kind": kind, **OFFLINE},
+                                              name=f"prefix-{kind}-{projection}")
     sft, stage = summary["stages"]
     before = artifact_weights(run_dir, sft, "adapter_model.safetensors")
     after = artifact_weights(run_dir, stage, "adapter_model.safetensors")
     assert set(before) == {"prompt_embeddings"} and changed_names(before, after) == {"prompt_embeddings"}
+    if projection:
+        before = artifact_weights(run_dir, sft, "prompt_encoder.safetensors")
+        after = artifact_weights(run_dir, stage, "prompt_encoder.safetensors")
+        assert before and changed_names(before, after) == set(before)
     if kind != "orpo":
         assert stage["metrics"]["reference_max_abs_diff"] == 0.0
     assert_shared_base_is_the_toys(pipeline, toy_dir)
@@ -460,14 +468,13 @@ def test_offline_preference_stage_continues_prefix_tuning(kind, toy_dir, runs):
 def test_prompt_learning_that_cannot_continue_is_refused(toy_dir, tmp_path):
     """P-tuning (and prefix tuning with a projection) are saved by peft as computed virtual tokens, without their
     encoder: our folders carry the encoder too (prompt_encoder.safetensors) and continue from it exactly; a folder
-    without it is refused. DPO/KTO/ORPO refuse them."""
+    without it is refused. DPO/KTO/ORPO refuse P-tuning (its virtual tokens lengthen the sequence)."""
     with pytest.raises(ConfigError) as e:
         config_from_dict({"name": "x", "adapter": {"method": "ptuning"}, "stages": [{"kind": "sft"}, {"kind": "dpo"}]})
     assert e.value.problems[0].startswith("adapter.method: a 'dpo' stage does not support method 'ptuning'")
-    with pytest.raises(ConfigError):
-        config_from_dict({"name": "x", "adapter": {"method": "prefix", "projection": True},
+    for projection in (False, True):
+        config_from_dict({"name": "x", "adapter": {"method": "prefix", "projection": projection},
                           "stages": [{"kind": "sft"}, {"kind": "dpo"}]})
-    config_from_dict({"name": "x", "adapter": {"method": "prefix"}, "stages": [{"kind": "sft"}, {"kind": "dpo"}]})
     policy = SharedPolicy.load(str(toy_dir / "model"))
     method_for(default_options("ptuning")).prepare(policy, "policy")
     policy.save_adapter("policy", tmp_path / "pt")
