@@ -243,6 +243,7 @@ class Method:
     stages: ClassVar[tuple[str, ...]]
     changes_base: ClassVar[bool] = False  # the trained policy is not an adapter on the shared, unchanged base
     own_copy_online: ClassVar[bool] = False  # online stages train it on a copy of the base of its own (``online_copy``)
+    checkpoint_online: ClassVar[bool] = True  # gradient checkpointing of that copy (not for prompt learning)
     note: ClassVar[str] = ""
 
     def __init__(self, options: MethodOptions):
@@ -371,19 +372,29 @@ class PromptLearningMethod(PeftMethod):
     # encoder beside them). Prompt tuning and P-tuning are not continued in DPO/KTO/ORPO: their virtual tokens
     # lengthen the sequence TRL's preference losses read log-probs from (our continual losses and evaluator drop
     # them: policy.real_token_logits); prefix tuning with `projection` was not tried there.
+    # Online (PPO/GRPO/RLOO): on a copy of the base of its own, as IA3 (peft holds one adapter type per model, so not
+    # beside the LoRA value/reward adapters); token_logprobs drops the virtual tokens' positions (real_token_logits).
     stages = ("sft",)
+    own_copy_online = True
+    checkpoint_online = False  # the policy's own copy runs without gradient checkpointing (FrozenBasePolicy)
     note = "prompt-learning adapters cannot be merged or served by vLLM"
 
     def trainer_args(self):
         return {"gradient_checkpointing": False}  # checkpointed layers lose the virtual tokens' cache
+
+    def online_copy(self, shared, folder):
+        own = fresh_copy(shared)
+        own.load_adapter("policy", folder, trainable=True)  # only the virtual tokens (or their encoder) train
+        return own
 
 
 class PrefixMethod(PromptLearningMethod):
 
     @property
     def stages(self):
-        continual = ("ewc", "multitask")
-        return ("sft", *continual) if self.options.projection else ("sft", "dpo", "kto", "orpo", *continual)
+        continual, online = ("ewc", "multitask"), ("ppo", "grpo", "rloo")
+        return ("sft", *online, *continual) if self.options.projection else ("sft", "dpo", "kto", "orpo", *online,
+                                                                               *continual)
 
     def peft_config(self, model):
         from peft import PrefixTuningConfig
@@ -394,7 +405,7 @@ class PrefixMethod(PromptLearningMethod):
 
 
 class PromptMethod(PromptLearningMethod):
-    stages = ("sft", "ewc", "multitask")
+    stages = ("sft", "ppo", "grpo", "rloo", "ewc", "multitask")
 
     def peft_config(self, model):
         from peft import PromptTuningConfig
@@ -408,7 +419,7 @@ class PromptMethod(PromptLearningMethod):
 
 
 class PTuningMethod(PromptLearningMethod):
-    stages = ("sft", "ewc", "multitask")
+    stages = ("sft", "ppo", "grpo", "rloo", "ewc", "multitask")
 
     def peft_config(self, model):
         from peft import PromptEncoderConfig
@@ -864,7 +875,10 @@ class FrozenBasePolicy:
     def checkpointing(self, on: bool = True):
         from alignment.policy import gradient_checkpointing
 
-        return gradient_checkpointing([self.own.base, self.shared.base], on)
+        # Prompt learning: the policy's copy is not checkpointed (a checkpointed layer drops the prefix's key/value
+        # cache; PromptLearningMethod.trainer_args does the same for TRL); the shared base (value adapter) still is.
+        own = [self.own.base] if self.method.checkpoint_online else []
+        return gradient_checkpointing([*own, self.shared.base], on)
 
     def policy_state_dict(self) -> dict[str, torch.Tensor]:
         """The policy's full weights (for a full-weight reload into vLLM). A peft adapter on the copy (IA3) is

@@ -261,3 +261,82 @@ def test_group_stage_with_ia3_on_a_copy_of_its_own(toy_dir, runs, held):
             for n, t in held[0].policy_model.state_dict().items() if "ia3_" not in n}
     assert all(torch.equal(base[n], t) for n, t in toy_weights(toy_dir).items())
     assert_shared_base_is_the_toys(pipeline, toy_dir)
+
+
+PREFIX = {"method": "prefix", "num_virtual_tokens": 4}
+PROMPT_LEARNING_FILES = ("adapter_model.safetensors", "prompt_encoder.safetensors")
+
+
+def prompt_learning_weights(run_dir, stage: dict) -> dict[str, torch.Tensor]:
+    """What a prompt-learning policy folder holds: the virtual tokens peft saves, and the prompt encoder our save
+    writes beside them (P-tuning, prefix tuning with `projection`)."""
+    folder = run_dir / stage["artifacts"]["policy"]
+    return {f"{f}:{n}": t for f in PROMPT_LEARNING_FILES if (folder / f).exists()
+            for n, t in load_file(str(folder / f)).items()}
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_ppo_with_prefix_tuning_on_a_copy_of_its_own(projection, toy_dir, runs, held):
+    """SFT -> PPO with prefix tuning (with and without the `projection` MLP): the HF engine's log-probs are the
+    trainer's, KL 0 before the first update, exactly the prefix parameters of the policy's own copy moved (the
+    virtual tokens, or the encoder that computes them), the copy's base and the shared base are the toy's bit for
+    bit, and the saved policy (the SFT format) reloads to the trained policy's logits and `alignment generate` on the
+    run samples greedily what the trained policy does."""
+    adapter = {**PREFIX, "projection": projection}
+    pipeline, summary, run_dir = run_pipeline(runs, adapter, SFT_STAGE, PPO, name=f"prefix-ppo-{projection}")
+    sft, stage = summary["stages"]
+    assert stage["engine"] == "hf" and stage["metrics"]["sync_logprob_diff_max"] < 1e-4
+    assert first_metrics(run_dir, "1-ppo")["kl"] == pytest.approx(0.0, abs=1e-6)
+    before, after = prompt_learning_weights(run_dir, sft), prompt_learning_weights(run_dir, stage)
+    assert set(before) == set(after) and changed_names(before, after) == set(before)
+    assert any(n.startswith("prompt_encoder.safetensors:") for n in before) == projection
+    (policy,) = held
+    trained = policy.policy_model
+    trainable = {n for n, p in trained.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("prompt_encoder.policy.") for n in trainable)
+    assert_base_is_the_toys(policy.own.base, toy_dir)
+    assert_shared_base_is_the_toys(pipeline, toy_dir)
+    reloaded = SharedPolicy.load(str(toy_dir / "model"))
+    reloaded.load_adapter("policy", run_dir / stage["artifacts"]["policy"])
+    batch = reloaded.tokenizer([p + a for p, a in zip(PROMPTS, ANSWERS)], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        got, want = reloaded.model(**batch).logits, trained.eval()(**batch).logits
+    if projection:  # peft saves the prefixes the MLP computed (one row); training computes them per batch: rounding
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    else:
+        assert torch.equal(got, want)
+    from alignment.evaluation import generate_greedy
+    from alignment.export import Generator
+
+    expected = [t.strip() for t, _ in generate_greedy(trained, reloaded.tokenizer, PROMPTS, 8)]
+    assert [t.strip() for t in Generator(str(run_dir))(PROMPTS, max_new_tokens=8)] == expected  # `alignment generate`
+
+
+@pytest.mark.parametrize(("kind", "method"), [("grpo", "prompt"), ("rloo", "ptuning")])
+def test_group_stage_with_virtual_tokens_on_a_copy_of_its_own(kind, method, toy_dir, runs, held):
+    """SFT -> GRPO with prompt tuning / RLOO with P-tuning, whose virtual tokens lengthen the logits the policy
+    returns: the trainer reads the real tokens' log-probs (the HF engine's equal them), KL 0 before the first update,
+    the virtual tokens (or their encoder) moved, the copy's base and the shared base stay the toy's."""
+    adapter = {"method": method, "num_virtual_tokens": 4}
+    stage_cfg = {"kind": kind, **GROUP, "sync_check_every": 1}
+    pipeline, summary, run_dir = run_pipeline(runs, adapter, SFT_STAGE, stage_cfg, name=f"{method}-{kind}")
+    sft, stage = summary["stages"]
+    assert stage["engine"] == "hf" and stage["metrics"]["sync_logprob_diff_max"] < 1e-4
+    assert first_metrics(run_dir, f"1-{kind}")["kl"] == pytest.approx(0.0, abs=1e-6)
+    before, after = prompt_learning_weights(run_dir, sft), prompt_learning_weights(run_dir, stage)
+    assert set(before) == set(after) and changed_names(before, after) == set(before)
+    assert_base_is_the_toys(held[0].own.base, toy_dir)
+    assert_shared_base_is_the_toys(pipeline, toy_dir)
+
+
+def test_ppo_shared_critic_with_prompt_tuning_reads_the_real_tokens_hidden_states(toy_dir, runs, held):
+    """PPO with `critic: shared` and prompt tuning: the value head reads the hidden states at the real tokens'
+    positions (the virtual tokens' dropped as for the logits), so the stage runs, KL is 0 before the first update and
+    the engine's log-probs are the trainer's."""
+    adapter = {"method": "prompt", "num_virtual_tokens": 4}
+    stage_cfg = {**PPO, "iterations": 1, "critic": "shared"}
+    pipeline, summary, run_dir = run_pipeline(runs, adapter, SFT_STAGE, stage_cfg, name="prompt-ppo-shared")
+    stage = summary["stages"][1]
+    assert stage["status"] == "done" and stage["metrics"]["sync_logprob_diff_max"] < 1e-4
+    assert first_metrics(run_dir, "1-ppo")["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert_shared_base_is_the_toys(pipeline, toy_dir)
