@@ -243,6 +243,7 @@ class Method:
     stages: ClassVar[tuple[str, ...]]
     changes_base: ClassVar[bool] = False  # the trained policy is not an adapter on the shared, unchanged base
     own_copy_online: ClassVar[bool] = False  # online stages train it on a copy of the base of its own (``online_copy``)
+    own_copy_reward: ClassVar[bool] = False  # the reward stage trains it on a copy of the base of its own
     checkpoint_online: ClassVar[bool] = True  # gradient checkpointing of that copy (not for prompt learning)
     note: ClassVar[str] = ""
 
@@ -348,8 +349,10 @@ class QLoraMethod(LoraMethod):
 
 class IA3Method(PeftMethod):
     rollout = "merged"
-    stages = tuple(s for s in ALL_STAGES if s in (*OTHER_PEFT_STAGES, "ppo", "grpo", "rloo"))  # online: on a copy of the base of its own (see below)
+    stages = tuple(s for s in ALL_STAGES if s in (*OTHER_PEFT_STAGES, "reward", "ppo", "grpo", "rloo"))  # reward
+    # and online: on a copy of the base of its own (see below; the reward folder: stages/reward.py)
     own_copy_online = True  # peft holds one adapter type per model: not beside the LoRA value/reward adapters
+    own_copy_reward = True  # nor beside the LoRA policy in PPO: PPO holds it as a separate frozen model
     note = "IA3 scalings merge into the base weights; vLLM serves no IA3 adapters"
 
     def online_copy(self, shared, folder):
@@ -441,6 +444,7 @@ class BaseWeightMethod(Method):
     stages = BASE_WEIGHT_STAGES
     changes_base = True
     own_copy_online = True
+    own_copy_reward = True
 
     def selected(self, model) -> list[str]:
         """Names of the base parameters this method trains."""
@@ -661,6 +665,7 @@ class BottleneckMethod(Method):
     stages = MODULE_STAGES
     changes_base = True
     own_copy_online = True
+    own_copy_reward = True
     note = "our own modules: neither peft nor vLLM know them"
 
     def insert(self, policy) -> list[str]:

@@ -340,3 +340,42 @@ def test_ppo_shared_critic_with_prompt_tuning_reads_the_real_tokens_hidden_state
     assert stage["status"] == "done" and stage["metrics"]["sync_logprob_diff_max"] < 1e-4
     assert first_metrics(run_dir, "1-ppo")["kl"] == pytest.approx(0.0, abs=1e-6)
     assert_shared_base_is_the_toys(pipeline, toy_dir)
+
+
+def test_reward_stage_with_ia3_on_a_copy_of_its_own_then_ppo(toy_dir, runs, monkeypatch):
+    """SFT (LoRA) -> reward (IA3, which peft cannot hold beside the LoRA policy, on its own copy of the base) -> PPO
+    with that reward model: every IA3 scaling moved off its start of ones, the copy's base is the toy's bit for bit,
+    the saved folder holds the stock peft IA3 adapter and the head (no model weights), and it scores as the trained
+    model did (loaded alone and beside the pipeline's policy); one PPO iteration runs with it as a separate frozen
+    model; the shared base stays the toy's."""
+    from reward_models import TrainedRewardModel
+    from reward_models.trained import PEFT_FOLDER, sequence_rewards
+
+    trained = []
+    real = reward_models.trained.save_base_reward_model
+
+    def keep(policy, head, folder, stats, options):
+        trained.append((policy, head))
+        return real(policy, head, folder, stats, options)
+
+    monkeypatch.setattr(reward_models.trained, "save_base_reward_model", keep)
+    ppo = {**PPO, "reward": "trained", "iterations": 1, "reward_normalization": "fixed", "rollout": {"engine": "hf"}}
+    pipeline, summary, run_dir = run_pipeline(runs, {"method": "lora", "r": 4}, SFT_STAGE,
+                                              {**REWARD, "adapter": {"method": "ia3"}}, ppo, name="ia3-reward")
+    assert [s["status"] for s in summary["stages"]] == ["done"] * 3
+    folder = run_dir / summary["stages"][1]["artifacts"]["reward_model"]
+    saved = load_file(str(folder / PEFT_FOLDER / "adapter_model.safetensors"))
+    assert saved and all("ia3_" in n for n in saved) and not list(folder.glob("*.safetensors"))
+    assert json.loads((folder / PEFT_FOLDER / "adapter_config.json").read_text())["peft_type"] == "IA3"
+    assert all(not torch.equal(t, torch.ones_like(t)) for t in saved.values())
+    (scorer, head), = trained
+    base = {n.replace("base_model.model.", "").replace(".base_layer", ""): t
+            for n, t in scorer.model.state_dict().items() if "ia3_" not in n}
+    assert all(torch.equal(base[n], t) for n, t in toy_weights(toy_dir).items())
+    with torch.no_grad():
+        expected = sequence_rewards(scorer, None, head, [p + a for p, a in zip(PROMPTS, ANSWERS)], 512)
+    standalone = TrainedRewardModel.load(folder).score(PROMPTS, ANSWERS)
+    on_policy = TrainedRewardModel.load(folder, policy=pipeline.policy()).score(PROMPTS, ANSWERS)
+    assert torch.equal(standalone, expected) and torch.equal(on_policy, expected)
+    assert first_metrics(run_dir, "2-ppo")["step"] == 1
+    assert_shared_base_is_the_toys(pipeline, toy_dir)
