@@ -1,8 +1,9 @@
 """Methods that train on a copy of the base of their own in the reward and online stages (alignment/methods.py
-``FrozenBasePolicy``), on the real toy model: bottleneck modules and IA3 in PPO / GRPO / RLOO train only the
-method's parameters of the policy's own copy of the base, the reference is the SFT policy (KL 0 before the first
-update), the saved policy reloads to the same logits, a killed PPO resumes to an uninterrupted run's end; a
-bottleneck reward model trains on a copy of its own and PPO holds it as a separate frozen model. ``held`` keeps
+``FrozenBasePolicy``), on the real toy model: bottleneck modules, IA3 and prompt learning (prefix, prompt, P-tuning)
+in PPO / GRPO / RLOO train only the method's parameters of the policy's own copy of the base, the reference is the
+SFT policy (KL 0 before the first update), the saved policy reloads to the same logits, a killed PPO resumes to an
+uninterrupted run's end; a bottleneck or IA3 reward model trains on a copy of its own and PPO holds it as a separate
+frozen model. ``held`` keeps
 the policy the stage built (the real ``online_policy``) so its copy can be inspected after the stage."""
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from tests.test_methods import (
 )
 
 BOTTLENECK = {"method": "bottleneck", "size": 8}
+PREFIX = {"method": "prefix", "num_virtual_tokens": 4}
 PPO = {"kind": "ppo", "reward": "toy_gold", "iterations": 2, "batch_size": 4, "minibatch_size": 4, "ppo_epochs": 1,
        "max_new_tokens": 8, "learning_rate": 1.0e-3, "gold_eval_every": 100, "sync_check_every": 1,
        "checkpoint_every": 1, "reward_normalization": "running"}
@@ -196,8 +198,9 @@ def test_ppo_with_bottleneck_modules_killed_and_resumed_ends_where_an_uninterrup
 
 
 def test_validate_accepts_the_stages_the_matrix_names_and_refuses_the_rest():
-    """Bottleneck in the reward and online stages, IA3 in the online stages; MAM online and IA3 in the reward stage
-    are still refused with the one-line message."""
+    """Bottleneck and IA3 in the reward and online stages, prompt learning (prefix with and without `projection`,
+    prompt, P-tuning) in the online stages; MAM online and prompt learning in the reward stage are still refused
+    with the one-line message."""
     from alignment.config import config_from_dict
     from alignment.errors import ConfigError
 
@@ -206,17 +209,22 @@ def test_validate_accepts_the_stages_the_matrix_names_and_refuses_the_rest():
 
     for kind in ("reward", "ppo", "grpo", "rloo"):
         config_from_dict({"name": "x", "adapter": BOTTLENECK, "stages": stages(kind)})
-    for kind in ("ppo", "grpo", "rloo"):
         config_from_dict({"name": "x", "adapter": {"method": "ia3"}, "stages": stages(kind)})
+    prompt_learning = [{**PREFIX, "projection": False}, {**PREFIX, "projection": True}, {"method": "prompt"},
+                       {"method": "ptuning"}]
+    for kind in ("ppo", "grpo", "rloo"):
+        for adapter in prompt_learning:
+            config_from_dict({"name": "x", "adapter": adapter, "stages": stages(kind)})
     with pytest.raises(ConfigError) as e:
         config_from_dict({"name": "x", "adapter": {"method": "mam"}, "stages": stages("ppo")})
     assert e.value.problems == [
         "adapter.method: a 'ppo' stage does not support method 'mam' (it supports: sft, ewc, multitask); override `adapter:` for this "
         "stage, e.g. `adapter: {method: lora}` (see `alignment methods`)"]
     with pytest.raises(ConfigError) as e:
-        config_from_dict({"name": "x", "adapter": {"method": "ia3"}, "stages": stages("reward")})
-    assert e.value.problems[0].startswith("adapter.method: a 'reward' stage does not support method 'ia3' (it "
-                                          "supports: sft, dpo, kto, orpo")
+        config_from_dict({"name": "x", "adapter": {"method": "prompt"}, "stages": stages("reward")})
+    assert e.value.problems == [
+        "adapter.method: a 'reward' stage does not support method 'prompt' (it supports: sft, ppo, grpo, rloo, ewc, "
+        "multitask); override `adapter:` for this stage, e.g. `adapter: {method: lora}` (see `alignment methods`)"]
 
 
 def test_ppo_with_ia3_on_a_copy_of_its_own(toy_dir, runs, held):
@@ -263,7 +271,6 @@ def test_group_stage_with_ia3_on_a_copy_of_its_own(toy_dir, runs, held):
     assert_shared_base_is_the_toys(pipeline, toy_dir)
 
 
-PREFIX = {"method": "prefix", "num_virtual_tokens": 4}
 PROMPT_LEARNING_FILES = ("adapter_model.safetensors", "prompt_encoder.safetensors")
 
 
