@@ -1000,7 +1000,8 @@ def catalogue(model_path: str, configured: MethodOptions | None = None) -> list[
             memory = "shared base in 4-bit"
         elif method.own_copy_online:
             copies = f"a trained copy + a frozen reference copy, +{2 * size / 2**20:.1f} MiB"
-            memory = f"shared base; PPO/GRPO/RLOO: {copies}"
+            reward = f"reward: a copy of its own, +{size / 2**20:.1f} MiB; " if method.own_copy_reward else ""
+            memory = f"shared base; {reward}PPO/GRPO/RLOO: {copies}"
         else:
             memory = "shared base"
         rows.append({
