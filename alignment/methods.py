@@ -814,7 +814,7 @@ def quantization_for(config):
 class FrozenBasePolicy:
     """What an online stage sees when the policy's method changes the base (it trains base weights: full, freeze,
     head, modules, bitfit; or hooks our bottleneck modules into the layers) or is a peft adapter that cannot sit
-    beside the LoRA value/reward adapters (IA3: peft holds one adapter type per model).
+    beside the LoRA value/reward adapters (IA3, prompt learning: peft holds one adapter type per model).
 
     Nothing can share weights or layers that the policy changes, so three models are held:
         `policy`     the trainable model: the SFT artifact on a copy of the base of its own (``Method.online_copy``)
@@ -904,7 +904,7 @@ def _entered(context, value):
 
 def online_policy(ctx):
     """The policy an online stage trains: the shared one with `policy` and a frozen `reference` adapter, or, for a
-    method that trains on a copy of its own (base-weight, bottleneck, IA3), a ``FrozenBasePolicy`` (said on the
+    method that trains on a copy of its own (base-weight, bottleneck, IA3, prompt learning), a ``FrozenBasePolicy`` (said on the
     console with its memory cost)."""
     method = method_for(ctx.adapter)
     policy = ctx.policy

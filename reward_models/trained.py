@@ -6,7 +6,8 @@ plus ``PeftModel.from_pretrained(model, folder)`` gives the same scores. In the 
 base as a named adapter (default ``reward``): no second copy of the base. The adapter may be any of the LoRA family
 (rsLoRA and DoRA flags are kept). A reward model trained with a base-weight method (full, freeze, ...) is a plain
 model folder with the head in ``score/`` (``save_base_reward_model``; with bottleneck modules the folder holds the
-modules as the SFT artifact does, ``bottleneck.safetensors`` + ``method.json``, instead of the model's weights);
+modules as the SFT artifact does, ``bottleneck.safetensors`` + ``method.json``, instead of the model's weights; with
+IA3, which peft cannot hold beside the LoRA policy, its stock peft IA3 folder in ``adapter/``);
 ``TrainedRewardModel.load`` holds it as a separate frozen model.
 """
 
