@@ -243,6 +243,8 @@ class Method:
     stages: ClassVar[tuple[str, ...]]
     changes_base: ClassVar[bool] = False  # the trained policy is not an adapter on the shared, unchanged base
     own_copy_online: ClassVar[bool] = False  # online stages train it on a copy of the base of its own (``online_copy``)
+    own_copy_reward: ClassVar[bool] = False  # the reward stage trains it on a copy of the base of its own
+    checkpoint_online: ClassVar[bool] = True  # gradient checkpointing of that copy (not for prefix tuning)
     note: ClassVar[str] = ""
 
     def __init__(self, options: MethodOptions):
@@ -347,8 +349,10 @@ class QLoraMethod(LoraMethod):
 
 class IA3Method(PeftMethod):
     rollout = "merged"
-    stages = tuple(s for s in ALL_STAGES if s in (*OTHER_PEFT_STAGES, "ppo", "grpo", "rloo"))  # online: on a copy of the base of its own (see below)
+    stages = tuple(s for s in ALL_STAGES if s in (*OTHER_PEFT_STAGES, "reward", "ppo", "grpo", "rloo"))  # reward
+    # and online: on a copy of the base of its own (see below; the reward folder: stages/reward.py)
     own_copy_online = True  # peft holds one adapter type per model: not beside the LoRA value/reward adapters
+    own_copy_reward = True  # nor beside the LoRA policy in PPO: PPO holds it as a separate frozen model
     note = "IA3 scalings merge into the base weights; vLLM serves no IA3 adapters"
 
     def online_copy(self, shared, folder):
@@ -371,18 +375,28 @@ class PromptLearningMethod(PeftMethod):
     # encoder beside them). Prompt tuning and P-tuning are not continued in DPO/KTO/ORPO: their virtual tokens
     # lengthen the sequence TRL's preference losses read log-probs from (our continual losses and evaluator drop
     # them: policy.real_token_logits).
+    # Online (PPO/GRPO/RLOO): on a copy of the base of its own, as IA3 (peft holds one adapter type per model, so not
+    # beside the LoRA value/reward adapters); token_logprobs drops the virtual tokens' positions (real_token_logits).
     stages = ("sft",)
+    own_copy_online = True
     note = "prompt-learning adapters cannot be merged or served by vLLM"
 
     def trainer_args(self):
         return {"gradient_checkpointing": False}  # checkpointed layers lose the virtual tokens' cache
 
+    def online_copy(self, shared, folder):
+        own = fresh_copy(shared)
+        own.load_adapter("policy", folder, trainable=True)  # only the virtual tokens (or their encoder) train
+        return own
+
 
 class PrefixMethod(PromptLearningMethod):
+    # Online, its copy runs without gradient checkpointing: transformers' checkpointed decoder layer drops the
+    # prefixes' key/value cache (`past_key_values=None`; measured: the attention mask no longer fits, 16 vs 20).
+    # Prompt tuning / P-tuning put their virtual tokens in the input embeddings, which checkpointing keeps.
+    checkpoint_online = False
 
-    @property
-    def stages(self):
-        return ("sft", "dpo", "kto", "orpo", "ewc", "multitask")
+    stages = ("sft", "dpo", "kto", "orpo", "ppo", "grpo", "rloo", "ewc", "multitask")  # with or without projection
 
     def peft_config(self, model):
         from peft import PrefixTuningConfig
@@ -393,7 +407,7 @@ class PrefixMethod(PromptLearningMethod):
 
 
 class PromptMethod(PromptLearningMethod):
-    stages = ("sft", "ewc", "multitask")
+    stages = ("sft", "ppo", "grpo", "rloo", "ewc", "multitask")
 
     def peft_config(self, model):
         from peft import PromptTuningConfig
@@ -407,7 +421,7 @@ class PromptMethod(PromptLearningMethod):
 
 
 class PTuningMethod(PromptLearningMethod):
-    stages = ("sft", "ewc", "multitask")
+    stages = ("sft", "ppo", "grpo", "rloo", "ewc", "multitask")
 
     def peft_config(self, model):
         from peft import PromptEncoderConfig
@@ -429,6 +443,7 @@ class BaseWeightMethod(Method):
     stages = BASE_WEIGHT_STAGES
     changes_base = True
     own_copy_online = True
+    own_copy_reward = True
 
     def selected(self, model) -> list[str]:
         """Names of the base parameters this method trains."""
@@ -649,6 +664,7 @@ class BottleneckMethod(Method):
     stages = MODULE_STAGES
     changes_base = True
     own_copy_online = True
+    own_copy_reward = True
     note = "our own modules: neither peft nor vLLM know them"
 
     def insert(self, policy) -> list[str]:
@@ -797,7 +813,7 @@ def quantization_for(config):
 class FrozenBasePolicy:
     """What an online stage sees when the policy's method changes the base (it trains base weights: full, freeze,
     head, modules, bitfit; or hooks our bottleneck modules into the layers) or is a peft adapter that cannot sit
-    beside the LoRA value/reward adapters (IA3: peft holds one adapter type per model).
+    beside the LoRA value/reward adapters (IA3, prompt learning: peft holds one adapter type per model).
 
     Nothing can share weights or layers that the policy changes, so three models are held:
         `policy`     the trainable model: the SFT artifact on a copy of the base of its own (``Method.online_copy``)
@@ -863,7 +879,10 @@ class FrozenBasePolicy:
     def checkpointing(self, on: bool = True):
         from alignment.policy import gradient_checkpointing
 
-        return gradient_checkpointing([self.own.base, self.shared.base], on)
+        # Prefix tuning: the policy's copy is not checkpointed (a checkpointed layer drops the prefixes' key/value
+        # cache; PromptLearningMethod.trainer_args turns it off for TRL); the shared base (value adapter) still is.
+        own = [self.own.base] if self.method.checkpoint_online else []
+        return gradient_checkpointing([*own, self.shared.base], on)
 
     def policy_state_dict(self) -> dict[str, torch.Tensor]:
         """The policy's full weights (for a full-weight reload into vLLM). A peft adapter on the copy (IA3) is
@@ -884,8 +903,8 @@ def _entered(context, value):
 
 def online_policy(ctx):
     """The policy an online stage trains: the shared one with `policy` and a frozen `reference` adapter, or, for a
-    method that trains on a copy of its own (base-weight, bottleneck, IA3), a ``FrozenBasePolicy`` (said on the
-    console with its memory cost)."""
+    method that trains on a copy of its own (base-weight, bottleneck, IA3, prompt learning), a ``FrozenBasePolicy``
+    (said on the console with its memory cost)."""
     method = method_for(ctx.adapter)
     policy = ctx.policy
     if not method.changes_base and not method.own_copy_online:
@@ -980,7 +999,8 @@ def catalogue(model_path: str, configured: MethodOptions | None = None) -> list[
             memory = "shared base in 4-bit"
         elif method.own_copy_online:
             copies = f"a trained copy + a frozen reference copy, +{2 * size / 2**20:.1f} MiB"
-            memory = f"shared base; PPO/GRPO/RLOO: {copies}"
+            reward = f"reward: a copy of its own, +{size / 2**20:.1f} MiB; " if method.own_copy_reward else ""
+            memory = f"shared base; {reward}PPO/GRPO/RLOO: {copies}"
         else:
             memory = "shared base"
         rows.append({

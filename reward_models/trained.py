@@ -6,7 +6,8 @@ plus ``PeftModel.from_pretrained(model, folder)`` gives the same scores. In the 
 base as a named adapter (default ``reward``): no second copy of the base. The adapter may be any of the LoRA family
 (rsLoRA and DoRA flags are kept). A reward model trained with a base-weight method (full, freeze, ...) is a plain
 model folder with the head in ``score/`` (``save_base_reward_model``; with bottleneck modules the folder holds the
-modules as the SFT artifact does, ``bottleneck.safetensors`` + ``method.json``, instead of the model's weights);
+modules as the SFT artifact does, ``bottleneck.safetensors`` + ``method.json``, instead of the model's weights; with
+IA3, which peft cannot hold beside the LoRA policy, its stock peft IA3 folder in ``adapter/``);
 ``TrainedRewardModel.load`` holds it as a separate frozen model.
 """
 
@@ -74,12 +75,14 @@ def save_reward_model(policy, adapter_name: str, head, folder: Path, stats: dict
 
 
 BASE_SCORE_FILE = "score/score.safetensors"  # outside the model folder's top level, where its weights are globbed
+PEFT_FOLDER = "adapter"  # an IA3 reward model: its stock peft adapter folder (on the recorded base)
 
 
 def save_base_reward_model(policy, head, folder: Path, stats: dict, options) -> None:
     """A reward model on a copy of the base of its own: for a method that trained base weights (full, freeze, ...) a
     plain model folder, for bottleneck modules the modules (``BottleneckMethod.save_modules``); the score head in
-    ``score/``, the method and base in ``method.json`` (atomically)."""
+    ``score/``, for IA3 its stock peft adapter in ``adapter/``; the method and base in ``method.json``
+    (atomically)."""
     from safetensors.torch import save_file
 
     from alignment.io import atomic_dir
@@ -89,6 +92,8 @@ def save_base_reward_model(policy, head, folder: Path, stats: dict, options) -> 
     with atomic_dir(Path(folder)) as tmp:
         if isinstance(method, BottleneckMethod):
             method.save_modules(policy, tmp)
+        elif policy.adapters:  # IA3: the stock peft adapter (CAUSAL_LM) of the copy, in a folder of its own
+            policy.save_adapter(policy.adapters[0], tmp / PEFT_FOLDER)
         else:
             policy.base.save_pretrained(tmp, safe_serialization=True)
             policy.tokenizer.save_pretrained(tmp)
@@ -113,7 +118,8 @@ def load_base_reward_model(cls, folder: Path, policy, adapter_name: str, **kwarg
         raise UserError(f"{folder / 'method.json'}: reward model was trained on base {recorded!r}, not the configured "
                         f"model {policy.model_path!r}; set `model:` to that base or retrain the reward model")
     dtype = policy.base.dtype if policy is not None else torch.float32
-    modules = (folder / BOTTLENECK_FILE).exists()  # bottleneck modules on the base, not a model folder
+    peft = (folder / PEFT_FOLDER / "adapter_config.json").exists()  # IA3 on the base
+    modules = peft or (folder / BOTTLENECK_FILE).exists()  # bottleneck modules on the base, not a model folder
     base_path = (policy.model_path if policy is not None else recorded) if modules else str(folder)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
     if policy is not None:
@@ -122,7 +128,10 @@ def load_base_reward_model(cls, folder: Path, policy, adapter_name: str, **kwarg
     model.eval()
     tokenizer = policy.tokenizer if policy is not None else load_tokenizer(base_path)
     own = SharedPolicy(model, tokenizer, recorded or str(folder))
-    if modules:
+    if peft:
+        own.load_adapter(adapter_name, folder / PEFT_FOLDER)  # frozen, active: the backbone applies it
+        model.eval()
+    elif modules:
         options = json.loads((folder / "method.json").read_text())
         options.pop("base", None)
         method_for(OPTION_CLASSES[options["method"]](**options)).load(own, adapter_name, folder)  # frozen
@@ -133,7 +142,8 @@ def load_base_reward_model(cls, folder: Path, policy, adapter_name: str, **kwarg
     head.requires_grad_(False)
     stats_file = folder / STATS_FILE
     stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
-    what = "bottleneck modules on the base" if modules else "trained base weights"
+    what = "an IA3 adapter on the base" if peft else "bottleneck modules on the base" if modules else \
+        "trained base weights"
     console.print(f"reward model {folder.name}: {what}; held as a separate frozen model "
                   f"(+{parameter_bytes(model) / 2**20:.1f} MiB)")
     return cls(own, None, head.to(model.device), stats=stats, **kwargs)

@@ -378,6 +378,8 @@ def token_logprobs(policy, adapter: str, seq, temperature: float, with_entropy: 
     state the LM head read at those positions (a shared-trunk critic's input)."""
     import torch
 
+    from alignment.policy import real_token_logits
+
     captured = []
     with policy.using(adapter) as model:
         hook = model.get_output_embeddings().register_forward_pre_hook(
@@ -387,6 +389,8 @@ def token_logprobs(policy, adapter: str, seq, temperature: float, with_entropy: 
         finally:
             if hook is not None:
                 hook.remove()
+    extra = logits.shape[1] - seq["input_ids"].shape[1]  # prompt tuning / P-tuning: virtual tokens first
+    logits = real_token_logits(logits, seq["input_ids"])
     index = seq["positions"][:, :, None].expand(-1, -1, logits.shape[-1])
     logits = logits.gather(1, index).float() / temperature
     logp = torch.log_softmax(logits, dim=-1)
@@ -394,7 +398,7 @@ def token_logprobs(policy, adapter: str, seq, temperature: float, with_entropy: 
     entropy = -(logp.exp() * logp).sum(-1) if with_entropy else None
     if not with_hidden:
         return chosen, entropy
-    hidden = captured[-1]
+    hidden = captured[-1][:, max(extra, 0):]  # the same real-token positions as the logits
     return chosen, entropy, hidden.gather(1, seq["positions"][:, :, None].expand(-1, -1, hidden.shape[-1]))
 
 

@@ -192,22 +192,24 @@ class RewardStage:
 
     def _scorer(self, ctx: StageContext):
         """(policy to score with, adapter name): a fresh `reward` adapter on the shared base (peft methods), or, for
-        a method that changes the base (base weights, bottleneck modules), a copy of the base of its own (adapter
-        None), as nothing may share weights or layers it changes; PPO later holds that reward model as a separate
-        frozen model."""
+        a method that changes the base (base weights, bottleneck modules) or cannot sit beside LoRA adapters (IA3),
+        a copy of the base of its own (adapter None), as nothing may share weights or layers it changes; PPO later
+        holds that reward model as a separate frozen model."""
         from alignment.methods import method_for
         from alignment.metrics import console
         from stages.dpo import fresh_policy
 
         method, policy = method_for(ctx.adapter), ctx.policy
-        if not method.changes_base:
+        if not method.own_copy_reward:
             policy.add_adapter(self.config.adapter_name, ctx.adapter)
             return policy, self.config.adapter_name
         from alignment.methods import memory_note
 
         scorer = fresh_policy(policy)
-        method.prepare(scorer, self.config.adapter_name)  # bottleneck: the modules go into the copy's layers
-        what = "trains base weights" if method.family == "base" else "hooks its modules into the base's layers"
+        method.prepare(scorer, self.config.adapter_name)  # bottleneck: the modules go into the copy's layers (IA3:
+        # its adapter, active, so the copy's backbone applies it; only its scalings train)
+        what = {"base": "trains base weights", "modules": "hooks its modules into the base's layers",
+                "peft": "is a peft adapter of another type than the LoRA policy/value adapters"}[method.family]
         console.print(f"adapter.method {method.name}: the reward model {what}, on its own copy of the base "
                       f"({memory_note(policy.base, 1)}; online stages hold it as a separate frozen model)")
         return scorer, None

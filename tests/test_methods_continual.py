@@ -214,8 +214,8 @@ def test_continual_stages_accept_and_refuse_methods(toy_dir):
         assert problems({"method": method}, *ewc) == problems({"method": method}, multitask) == []
     assert problems({"method": "prefix", "projection": True}, *ewc) == []
     assert problems({"method": "ptuning"}, {"kind": "sft"}, {"kind": "dpo"}) == [
-        "adapter.method: a 'dpo' stage does not support method 'ptuning' (it supports: sft, ewc, multitask); override "
-        "`adapter:` for this stage, e.g. `adapter: {method: lora}` (see `alignment methods`)"]
+        "adapter.method: a 'dpo' stage does not support method 'ptuning' (it supports: sft, ppo, grpo, rloo, ewc, "
+        "multitask); override `adapter:` for this stage, e.g. `adapter: {method: lora}` (see `alignment methods`)"]
     assert problems({"method": "ia3"}, {**ewc[0], "objective": "dpo"})[0].startswith(
         "adapter.method: an `ewc` stage with `objective: dpo` trains a LoRA-family adapter only")
 

@@ -1,8 +1,9 @@
 """Methods that train on a copy of the base of their own in the reward and online stages (alignment/methods.py
-``FrozenBasePolicy``), on the real toy model: bottleneck modules and IA3 in PPO / GRPO / RLOO train only the
-method's parameters of the policy's own copy of the base, the reference is the SFT policy (KL 0 before the first
-update), the saved policy reloads to the same logits, a killed PPO resumes to an uninterrupted run's end; a
-bottleneck reward model trains on a copy of its own and PPO holds it as a separate frozen model. ``held`` keeps
+``FrozenBasePolicy``), on the real toy model: bottleneck modules, IA3 and prompt learning (prefix, prompt, P-tuning)
+in PPO / GRPO / RLOO train only the method's parameters of the policy's own copy of the base, the reference is the
+SFT policy (KL 0 before the first update), the saved policy reloads to the same logits, a killed PPO resumes to an
+uninterrupted run's end; a bottleneck or IA3 reward model trains on a copy of its own and PPO holds it as a separate
+frozen model. ``held`` keeps
 the policy the stage built (the real ``online_policy``) so its copy can be inspected after the stage."""
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from tests.test_methods import (
 )
 
 BOTTLENECK = {"method": "bottleneck", "size": 8}
+PREFIX = {"method": "prefix", "num_virtual_tokens": 4}
 PPO = {"kind": "ppo", "reward": "toy_gold", "iterations": 2, "batch_size": 4, "minibatch_size": 4, "ppo_epochs": 1,
        "max_new_tokens": 8, "learning_rate": 1.0e-3, "gold_eval_every": 100, "sync_check_every": 1,
        "checkpoint_every": 1, "reward_normalization": "running"}
@@ -196,8 +198,9 @@ def test_ppo_with_bottleneck_modules_killed_and_resumed_ends_where_an_uninterrup
 
 
 def test_validate_accepts_the_stages_the_matrix_names_and_refuses_the_rest():
-    """Bottleneck in the reward and online stages, IA3 in the online stages; MAM online and IA3 in the reward stage
-    are still refused with the one-line message."""
+    """Bottleneck and IA3 in the reward and online stages, prompt learning (prefix with and without `projection`,
+    prompt, P-tuning) in the online stages; MAM online and prompt learning in the reward stage are still refused
+    with the one-line message."""
     from alignment.config import config_from_dict
     from alignment.errors import ConfigError
 
@@ -206,17 +209,22 @@ def test_validate_accepts_the_stages_the_matrix_names_and_refuses_the_rest():
 
     for kind in ("reward", "ppo", "grpo", "rloo"):
         config_from_dict({"name": "x", "adapter": BOTTLENECK, "stages": stages(kind)})
-    for kind in ("ppo", "grpo", "rloo"):
         config_from_dict({"name": "x", "adapter": {"method": "ia3"}, "stages": stages(kind)})
+    prompt_learning = [{**PREFIX, "projection": False}, {**PREFIX, "projection": True}, {"method": "prompt"},
+                       {"method": "ptuning"}]
+    for kind in ("ppo", "grpo", "rloo"):
+        for adapter in prompt_learning:
+            config_from_dict({"name": "x", "adapter": adapter, "stages": stages(kind)})
     with pytest.raises(ConfigError) as e:
         config_from_dict({"name": "x", "adapter": {"method": "mam"}, "stages": stages("ppo")})
     assert e.value.problems == [
         "adapter.method: a 'ppo' stage does not support method 'mam' (it supports: sft, ewc, multitask); override `adapter:` for this "
         "stage, e.g. `adapter: {method: lora}` (see `alignment methods`)"]
     with pytest.raises(ConfigError) as e:
-        config_from_dict({"name": "x", "adapter": {"method": "ia3"}, "stages": stages("reward")})
-    assert e.value.problems[0].startswith("adapter.method: a 'reward' stage does not support method 'ia3' (it "
-                                          "supports: sft, dpo, kto, orpo")
+        config_from_dict({"name": "x", "adapter": {"method": "prompt"}, "stages": stages("reward")})
+    assert e.value.problems == [
+        "adapter.method: a 'reward' stage does not support method 'prompt' (it supports: sft, ppo, grpo, rloo, ewc, "
+        "multitask); override `adapter:` for this stage, e.g. `adapter: {method: lora}` (see `alignment methods`)"]
 
 
 def test_ppo_with_ia3_on_a_copy_of_its_own(toy_dir, runs, held):
@@ -261,3 +269,151 @@ def test_group_stage_with_ia3_on_a_copy_of_its_own(toy_dir, runs, held):
             for n, t in held[0].policy_model.state_dict().items() if "ia3_" not in n}
     assert all(torch.equal(base[n], t) for n, t in toy_weights(toy_dir).items())
     assert_shared_base_is_the_toys(pipeline, toy_dir)
+
+
+PROMPT_LEARNING_FILES = ("adapter_model.safetensors", "prompt_encoder.safetensors")
+
+
+def prompt_learning_weights(run_dir, stage: dict) -> dict[str, torch.Tensor]:
+    """What a prompt-learning policy folder holds: the virtual tokens peft saves, and the prompt encoder our save
+    writes beside them (P-tuning, prefix tuning with `projection`)."""
+    folder = run_dir / stage["artifacts"]["policy"]
+    return {f"{f}:{n}": t for f in PROMPT_LEARNING_FILES if (folder / f).exists()
+            for n, t in load_file(str(folder / f)).items()}
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_ppo_with_prefix_tuning_on_a_copy_of_its_own(projection, toy_dir, runs, held):
+    """SFT -> PPO with prefix tuning (with and without the `projection` MLP): the HF engine's log-probs are the
+    trainer's, KL 0 before the first update, exactly the prefix parameters of the policy's own copy moved (the
+    virtual tokens, or the encoder that computes them), the copy's base and the shared base are the toy's bit for
+    bit, and the saved policy (the SFT format) reloads to the trained policy's logits and `alignment generate` on the
+    run samples greedily what the trained policy does."""
+    adapter = {**PREFIX, "projection": projection}
+    pipeline, summary, run_dir = run_pipeline(runs, adapter, SFT_STAGE, PPO, name=f"prefix-ppo-{projection}")
+    sft, stage = summary["stages"]
+    assert stage["engine"] == "hf" and stage["metrics"]["sync_logprob_diff_max"] < 1e-4
+    assert first_metrics(run_dir, "1-ppo")["kl"] == pytest.approx(0.0, abs=1e-6)
+    before, after = prompt_learning_weights(run_dir, sft), prompt_learning_weights(run_dir, stage)
+    assert set(before) == set(after) and changed_names(before, after) == set(before)
+    assert any(n.startswith("prompt_encoder.safetensors:") for n in before) == projection
+    (policy,) = held
+    trained = policy.policy_model
+    trainable = {n for n, p in trained.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("prompt_encoder.policy.") for n in trainable)
+    assert_base_is_the_toys(policy.own.base, toy_dir)
+    assert_shared_base_is_the_toys(pipeline, toy_dir)
+    reloaded = SharedPolicy.load(str(toy_dir / "model"))
+    reloaded.load_adapter("policy", run_dir / stage["artifacts"]["policy"])
+    batch = reloaded.tokenizer([p + a for p, a in zip(PROMPTS, ANSWERS)], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        got, want = reloaded.model(**batch).logits, trained.eval()(**batch).logits
+    if projection:  # peft saves the prefixes the MLP computed (one row); training computes them per batch: rounding
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    else:
+        assert torch.equal(got, want)
+    from alignment.evaluation import generate_greedy
+    from alignment.export import Generator
+
+    expected = [t.strip() for t, _ in generate_greedy(trained, reloaded.tokenizer, PROMPTS, 8)]
+    assert [t.strip() for t in Generator(str(run_dir))(PROMPTS, max_new_tokens=8)] == expected  # `alignment generate`
+
+
+@pytest.mark.parametrize(("kind", "method"), [("grpo", "prompt"), ("rloo", "ptuning")])
+def test_group_stage_with_virtual_tokens_on_a_copy_of_its_own(kind, method, toy_dir, runs, held):
+    """SFT -> GRPO with prompt tuning / RLOO with P-tuning, whose virtual tokens lengthen the logits the policy
+    returns: the trainer reads the real tokens' log-probs (the HF engine's equal them), KL 0 before the first update,
+    the virtual tokens (or their encoder) moved, the copy's base and the shared base stay the toy's."""
+    adapter = {"method": method, "num_virtual_tokens": 4}
+    stage_cfg = {"kind": kind, **GROUP, "sync_check_every": 1}
+    pipeline, summary, run_dir = run_pipeline(runs, adapter, SFT_STAGE, stage_cfg, name=f"{method}-{kind}")
+    sft, stage = summary["stages"]
+    assert stage["engine"] == "hf" and stage["metrics"]["sync_logprob_diff_max"] < 1e-4
+    assert first_metrics(run_dir, f"1-{kind}")["kl"] == pytest.approx(0.0, abs=1e-6)
+    before, after = prompt_learning_weights(run_dir, sft), prompt_learning_weights(run_dir, stage)
+    assert set(before) == set(after) and changed_names(before, after) == set(before)
+    assert_base_is_the_toys(held[0].own.base, toy_dir)
+    assert_shared_base_is_the_toys(pipeline, toy_dir)
+
+
+def test_ppo_shared_critic_with_prompt_tuning_reads_the_real_tokens_hidden_states(toy_dir, runs, held):
+    """PPO with `critic: shared` and prompt tuning: the value head reads the hidden states at the real tokens'
+    positions (the virtual tokens' dropped as for the logits), so the stage runs, KL is 0 before the first update and
+    the engine's log-probs are the trainer's."""
+    adapter = {"method": "prompt", "num_virtual_tokens": 4}
+    stage_cfg = {**PPO, "iterations": 1, "critic": "shared"}
+    pipeline, summary, run_dir = run_pipeline(runs, adapter, SFT_STAGE, stage_cfg, name="prompt-ppo-shared")
+    stage = summary["stages"][1]
+    assert stage["status"] == "done" and stage["metrics"]["sync_logprob_diff_max"] < 1e-4
+    assert first_metrics(run_dir, "1-ppo")["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert_shared_base_is_the_toys(pipeline, toy_dir)
+
+
+def test_reward_stage_with_ia3_on_a_copy_of_its_own_then_ppo(toy_dir, runs, monkeypatch):
+    """SFT (LoRA) -> reward (IA3, which peft cannot hold beside the LoRA policy, on its own copy of the base) -> PPO
+    with that reward model: every IA3 scaling moved off its start of ones, the copy's base is the toy's bit for bit,
+    the saved folder holds the stock peft IA3 adapter and the head (no model weights), and it scores as the trained
+    model did (loaded alone and beside the pipeline's policy); one PPO iteration runs with it as a separate frozen
+    model; the shared base stays the toy's."""
+    from reward_models import TrainedRewardModel
+    from reward_models.trained import PEFT_FOLDER, sequence_rewards
+
+    trained = []
+    real = reward_models.trained.save_base_reward_model
+
+    def keep(policy, head, folder, stats, options):
+        trained.append((policy, head))
+        return real(policy, head, folder, stats, options)
+
+    monkeypatch.setattr(reward_models.trained, "save_base_reward_model", keep)
+    ppo = {**PPO, "reward": "trained", "iterations": 1, "reward_normalization": "fixed", "rollout": {"engine": "hf"}}
+    pipeline, summary, run_dir = run_pipeline(runs, {"method": "lora", "r": 4}, SFT_STAGE,
+                                              {**REWARD, "adapter": {"method": "ia3"}}, ppo, name="ia3-reward")
+    assert [s["status"] for s in summary["stages"]] == ["done"] * 3
+    folder = run_dir / summary["stages"][1]["artifacts"]["reward_model"]
+    saved = load_file(str(folder / PEFT_FOLDER / "adapter_model.safetensors"))
+    assert saved and all("ia3_" in n for n in saved) and not list(folder.glob("*.safetensors"))
+    assert json.loads((folder / PEFT_FOLDER / "adapter_config.json").read_text())["peft_type"] == "IA3"
+    assert all(not torch.equal(t, torch.ones_like(t)) for t in saved.values())
+    (scorer, head), = trained
+    base = {n.replace("base_model.model.", "").replace(".base_layer", ""): t
+            for n, t in scorer.model.state_dict().items() if "ia3_" not in n}
+    assert all(torch.equal(base[n], t) for n, t in toy_weights(toy_dir).items())
+    with torch.no_grad():
+        expected = sequence_rewards(scorer, None, head, [p + a for p, a in zip(PROMPTS, ANSWERS)], 512)
+    standalone = TrainedRewardModel.load(folder).score(PROMPTS, ANSWERS)
+    on_policy = TrainedRewardModel.load(folder, policy=pipeline.policy()).score(PROMPTS, ANSWERS)
+    assert torch.equal(standalone, expected) and torch.equal(on_policy, expected)
+    assert first_metrics(run_dir, "2-ppo")["step"] == 1
+    assert_shared_base_is_the_toys(pipeline, toy_dir)
+
+
+def test_ppo_with_ptuning_killed_and_resumed_ends_where_an_uninterrupted_run_does(tmp_path, toy_dir):
+    """A P-tuning policy on its own copy of the base is checkpointed as its trainable tensors (the prompt encoder,
+    which peft's own save leaves out): kill -9 inside PPO, rerun, and every iteration's numbers and the final saved
+    policy (virtual tokens and encoder) equal an uninterrupted run's."""
+    import signal
+
+    import yaml
+
+    from tests.forked import run_forked
+    from tests.test_resume import cli, logged
+
+    raw = {"name": "ptuning", "model": str(toy_dir / "model"), "output_dir": str(tmp_path / "runs"),
+           "adapter": {"method": "ptuning", "num_virtual_tokens": 4},
+           "stages": [{**SFT_STAGE}, {**PPO, "iterations": 3}]}
+    config = tmp_path / "ptuning.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    rc, err = run_forked(["run", str(config), "name=reference"], tmp_path / "stderr-reference.txt")
+    assert rc == 0, err[-3000:]
+    rc, err = cli(tmp_path, config, kill_at="1-ppo:step:2")
+    assert rc == -signal.SIGKILL, err[-3000:]
+    rc, err = cli(tmp_path, config)
+    assert rc == 0, err[-3000:]
+    assert "resuming 1-ppo from iter-00001" in err
+    run, ref = tmp_path / "runs" / "ptuning", tmp_path / "runs" / "reference"
+    lines = logged(run / "1-ppo")
+    assert [x["step"] for x in lines] == [1, 2, 3] and lines == logged(ref / "1-ppo")
+    for file in PROMPT_LEARNING_FILES:
+        got, want = (load_file(str(r / "1-ppo" / "adapters" / "policy" / file)) for r in (run, ref))
+        assert set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want)
