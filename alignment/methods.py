@@ -372,9 +372,10 @@ class PromptLearningMethod(PeftMethod):
     # Continued (DPO/KTO/ORPO for prefix tuning, EWC chains for all) by policy.load_adapter: peft refuses is_trainable
     # for prompt learning, so the saved weights go into a fresh trainable adapter (peft saves P-tuning and prefix
     # tuning with `projection` as the virtual tokens their encoder computed; SharedPolicy.save_adapter writes the
-    # encoder beside them). Prompt tuning and P-tuning are not continued in DPO/KTO/ORPO: their virtual tokens
-    # lengthen the sequence TRL's preference losses read log-probs from (our continual losses and evaluator drop
-    # them: policy.real_token_logits).
+    # encoder beside them). Prompt tuning and P-tuning prepend virtual tokens to the logits: TRL's DPO and KTO
+    # trainers keep the real tokens' positions, its ORPO trainer does not (measured: "Expected input batch_size (132)
+    # to match target batch_size (116)"), so they are not continued in ORPO; our own losses and evaluator drop them
+    # with policy.real_token_logits.
     # Online (PPO/GRPO/RLOO): on a copy of the base of its own, as IA3 (peft holds one adapter type per model, so not
     # beside the LoRA value/reward adapters); token_logprobs drops the virtual tokens' positions (real_token_logits).
     stages = ("sft",)
@@ -407,7 +408,7 @@ class PrefixMethod(PromptLearningMethod):
 
 
 class PromptMethod(PromptLearningMethod):
-    stages = ("sft", "ppo", "grpo", "rloo", "ewc", "multitask")
+    stages = ("sft", "dpo", "kto", "ppo", "grpo", "rloo", "ewc", "multitask")  # not orpo: see PromptLearningMethod
 
     def peft_config(self, model):
         from peft import PromptTuningConfig
@@ -421,7 +422,7 @@ class PromptMethod(PromptLearningMethod):
 
 
 class PTuningMethod(PromptLearningMethod):
-    stages = ("sft", "ppo", "grpo", "rloo", "ewc", "multitask")
+    stages = ("sft", "dpo", "kto", "ppo", "grpo", "rloo", "ewc", "multitask")  # not orpo: see PromptLearningMethod
 
     def peft_config(self, model):
         from peft import PromptEncoderConfig

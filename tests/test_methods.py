@@ -465,13 +465,28 @@ def test_offline_preference_stage_continues_prefix_tuning(kind, projection, toy_
     assert_shared_base_is_the_toys(pipeline, toy_dir)
 
 
+@pytest.mark.parametrize("kind,method", [("dpo", "prompt"), ("kto", "ptuning")])
+def test_offline_preference_stage_continues_prompt_tuning(kind, method, toy_dir, runs):
+    """Prompt tuning and P-tuning prepend virtual tokens to the logits; TRL's DPO and KTO trainers read the real
+    tokens' positions, so they continue these adapters too: the virtual tokens (P-tuning: every tensor of its
+    encoder) moved from the SFT ones, TRL's `ref` copy is the SFT adapter bit for bit, the base stays the toy's."""
+    pipeline, summary, run_dir = run_pipeline(runs, {"method": method, "num_virtual_tokens": 4}, SFT_STAGE,
+                                              {"kind": kind, **OFFLINE}, name=f"{method}-{kind}")
+    sft, stage = summary["stages"]
+    file = "prompt_encoder.safetensors" if method == "ptuning" else "adapter_model.safetensors"
+    before, after = artifact_weights(run_dir, sft, file), artifact_weights(run_dir, stage, file)
+    assert before and changed_names(before, after) == set(before)
+    assert stage["metrics"]["reference_max_abs_diff"] == 0.0
+    assert_shared_base_is_the_toys(pipeline, toy_dir)
+
+
 def test_prompt_learning_that_cannot_continue_is_refused(toy_dir, tmp_path):
     """P-tuning (and prefix tuning with a projection) are saved by peft as computed virtual tokens, without their
     encoder: our folders carry the encoder too (prompt_encoder.safetensors) and continue from it exactly; a folder
-    without it is refused. DPO/KTO/ORPO refuse P-tuning (its virtual tokens lengthen the sequence)."""
+    without it is refused. ORPO refuses P-tuning (TRL's ORPO loss reads the virtual tokens' positions)."""
     with pytest.raises(ConfigError) as e:
-        config_from_dict({"name": "x", "adapter": {"method": "ptuning"}, "stages": [{"kind": "sft"}, {"kind": "dpo"}]})
-    assert e.value.problems[0].startswith("adapter.method: a 'dpo' stage does not support method 'ptuning'")
+        config_from_dict({"name": "x", "adapter": {"method": "ptuning"}, "stages": [{"kind": "sft"}, {"kind": "orpo"}]})
+    assert e.value.problems[0].startswith("adapter.method: a 'orpo' stage does not support method 'ptuning'")
     for projection in (False, True):
         config_from_dict({"name": "x", "adapter": {"method": "prefix", "projection": projection},
                           "stages": [{"kind": "sft"}, {"kind": "dpo"}]})

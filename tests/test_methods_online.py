@@ -223,8 +223,8 @@ def test_validate_accepts_the_stages_the_matrix_names_and_refuses_the_rest():
     with pytest.raises(ConfigError) as e:
         config_from_dict({"name": "x", "adapter": {"method": "prompt"}, "stages": stages("reward")})
     assert e.value.problems == [
-        "adapter.method: a 'reward' stage does not support method 'prompt' (it supports: sft, ppo, grpo, rloo, ewc, "
-        "multitask); override `adapter:` for this stage, e.g. `adapter: {method: lora}` (see `alignment methods`)"]
+        "adapter.method: a 'reward' stage does not support method 'prompt' (it supports: sft, dpo, kto, ppo, grpo, "
+        "rloo, ewc, multitask); override `adapter:` for this stage, e.g. `adapter: {method: lora}` (see `alignment methods`)"]
 
 
 def test_ppo_with_ia3_on_a_copy_of_its_own(toy_dir, runs, held):
