@@ -378,8 +378,11 @@ class PromptLearningMethod(PeftMethod):
     # with policy.real_token_logits.
     # Online (PPO/GRPO/RLOO): on a copy of the base of its own, as IA3 (peft holds one adapter type per model, so not
     # beside the LoRA value/reward adapters); token_logprobs drops the virtual tokens' positions (real_token_logits).
+    # Reward: on a copy of the base of its own too (own_copy_reward, as IA3); sequence_rewards reads the hidden state
+    # of the last real token through peft's forward (the virtual tokens come first; the bare backbone skips them).
     stages = ("sft",)
     own_copy_online = True
+    own_copy_reward = True
     note = "prompt-learning adapters cannot be merged or served by vLLM"
 
     def trainer_args(self):
@@ -397,7 +400,7 @@ class PrefixMethod(PromptLearningMethod):
     # Prompt tuning / P-tuning put their virtual tokens in the input embeddings, which checkpointing keeps.
     checkpoint_online = False
 
-    stages = ("sft", "dpo", "kto", "orpo", "ppo", "grpo", "rloo", "ewc", "multitask")  # with or without projection
+    stages = ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo", "rloo", "ewc", "multitask")  # with or without projection
 
     def peft_config(self, model):
         from peft import PrefixTuningConfig
@@ -408,7 +411,7 @@ class PrefixMethod(PromptLearningMethod):
 
 
 class PromptMethod(PromptLearningMethod):
-    stages = ("sft", "dpo", "kto", "ppo", "grpo", "rloo", "ewc", "multitask")  # not orpo: see PromptLearningMethod
+    stages = ("sft", "reward", "dpo", "kto", "ppo", "grpo", "rloo", "ewc", "multitask")  # not orpo: see PromptLearningMethod
 
     def peft_config(self, model):
         from peft import PromptTuningConfig
@@ -422,7 +425,7 @@ class PromptMethod(PromptLearningMethod):
 
 
 class PTuningMethod(PromptLearningMethod):
-    stages = ("sft", "dpo", "kto", "ppo", "grpo", "rloo", "ewc", "multitask")  # not orpo: see PromptLearningMethod
+    stages = ("sft", "reward", "dpo", "kto", "ppo", "grpo", "rloo", "ewc", "multitask")  # not orpo: see PromptLearningMethod
 
     def peft_config(self, model):
         from peft import PromptEncoderConfig

@@ -7,7 +7,8 @@ base as a named adapter (default ``reward``): no second copy of the base. The ad
 (rsLoRA and DoRA flags are kept). A reward model trained with a base-weight method (full, freeze, ...) is a plain
 model folder with the head in ``score/`` (``save_base_reward_model``; with bottleneck modules the folder holds the
 modules as the SFT artifact does, ``bottleneck.safetensors`` + ``method.json``, instead of the model's weights; with
-IA3, which peft cannot hold beside the LoRA policy, its stock peft IA3 folder in ``adapter/``);
+IA3 or prompt learning (prefix, prompt, P-tuning), which peft cannot hold beside the LoRA policy, its stock peft folder
+in ``adapter/``, P-tuning's and the prefix projection's encoder beside it as for a policy);
 ``TrainedRewardModel.load`` holds it as a separate frozen model.
 """
 
@@ -43,11 +44,35 @@ def sequence_rewards(policy, adapter_name: str, head, texts: list[str], max_leng
         tokenizer.padding_side = side
     batch = batch.to(head.weight.device)
     with policy.using(adapter_name) if adapter_name else mixed_precision(policy.base):  # None: a plain model
-        hidden = policy.backbone()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   use_cache=False).last_hidden_state
+        if _prompt_learning(policy.model):
+            hidden = _prompted_hidden(policy.model, batch)
+        else:
+            hidden = policy.backbone()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       use_cache=False).last_hidden_state
     last = batch["attention_mask"].sum(dim=1) - 1
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     return head(pooled).squeeze(-1).float()
+
+
+def _prompt_learning(model) -> bool:
+    """The model's active adapter is prompt learning (prefix, prompt, P-tuning: a reward model on its own copy)."""
+    config = (getattr(model, "peft_config", None) or {}).get(getattr(model, "active_adapter", None))
+    return bool(config is not None and config.is_prompt_learning)
+
+
+def _prompted_hidden(model, batch) -> torch.Tensor:
+    """(B, T, H) final hidden states at the real tokens' positions, through peft's own forward: the virtual tokens
+    (prompt tuning, P-tuning) and the prefixes are put in by ``PeftModel.forward``, which the bare backbone would
+    bypass. They are the LM head's input (a pre-hook, as stages/online.py ``token_logprobs``); prompt tuning and
+    P-tuning put ``num_virtual_tokens`` positions first, dropped here (prefix tuning adds none)."""
+    captured = []
+    hook = model.get_output_embeddings().register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    finally:
+        hook.remove()
+    hidden = captured[-1]
+    return hidden[:, hidden.shape[1] - batch["input_ids"].shape[1]:]
 
 
 def save_reward_model(policy, adapter_name: str, head, folder: Path, stats: dict) -> None:
@@ -81,7 +106,7 @@ PEFT_FOLDER = "adapter"  # an IA3 reward model: its stock peft adapter folder (o
 def save_base_reward_model(policy, head, folder: Path, stats: dict, options) -> None:
     """A reward model on a copy of the base of its own: for a method that trained base weights (full, freeze, ...) a
     plain model folder, for bottleneck modules the modules (``BottleneckMethod.save_modules``); the score head in
-    ``score/``, for IA3 its stock peft adapter in ``adapter/``; the method and base in ``method.json``
+    ``score/``, for IA3 or prompt learning its stock peft adapter in ``adapter/``; the method and base in ``method.json``
     (atomically)."""
     from safetensors.torch import save_file
 
@@ -118,7 +143,7 @@ def load_base_reward_model(cls, folder: Path, policy, adapter_name: str, **kwarg
         raise UserError(f"{folder / 'method.json'}: reward model was trained on base {recorded!r}, not the configured "
                         f"model {policy.model_path!r}; set `model:` to that base or retrain the reward model")
     dtype = policy.base.dtype if policy is not None else torch.float32
-    peft = (folder / PEFT_FOLDER / "adapter_config.json").exists()  # IA3 on the base
+    peft = (folder / PEFT_FOLDER / "adapter_config.json").exists()  # IA3 or prompt learning on the base
     modules = peft or (folder / BOTTLENECK_FILE).exists()  # bottleneck modules on the base, not a model folder
     base_path = (policy.model_path if policy is not None else recorded) if modules else str(folder)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
@@ -129,7 +154,8 @@ def load_base_reward_model(cls, folder: Path, policy, adapter_name: str, **kwarg
     tokenizer = policy.tokenizer if policy is not None else load_tokenizer(base_path)
     own = SharedPolicy(model, tokenizer, recorded or str(folder))
     if peft:
-        own.load_adapter(adapter_name, folder / PEFT_FOLDER)  # frozen, active: the backbone applies it
+        own.load_adapter(adapter_name, folder / PEFT_FOLDER)  # frozen, active: the backbone (IA3) or peft's forward
+        # (prompt learning: sequence_rewards) applies it
         model.eval()
     elif modules:
         options = json.loads((folder / "method.json").read_text())
@@ -142,7 +168,8 @@ def load_base_reward_model(cls, folder: Path, policy, adapter_name: str, **kwarg
     head.requires_grad_(False)
     stats_file = folder / STATS_FILE
     stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
-    what = "an IA3 adapter on the base" if peft else "bottleneck modules on the base" if modules else \
+    peft_type = json.loads((folder / PEFT_FOLDER / "adapter_config.json").read_text())["peft_type"] if peft else ""
+    what = f"a {peft_type} adapter on the base" if peft else "bottleneck modules on the base" if modules else \
         "trained base weights"
     console.print(f"reward model {folder.name}: {what}; held as a separate frozen model "
                   f"(+{parameter_bytes(model) / 2**20:.1f} MiB)")

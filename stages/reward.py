@@ -104,7 +104,10 @@ class RewardStage:
             scheduler.load_state_dict(resumed["scheduler"])
             checkpoint.set_python_rng_state(rng, resumed["rng"])
         monitor = GradNormMonitor(ctx.label, ctx.dir)
-        with scorer.checkpointing(cfg.gradient_checkpointing):  # recompute activations in backward
+        from alignment.methods import method_for
+
+        checkpointed = cfg.gradient_checkpointing and method_for(ctx.adapter).checkpoint_online  # not prefix tuning
+        with scorer.checkpointing(checkpointed):  # recompute activations in backward
             while step < total:
                 if unfreezing is not None:
                     unfreezing.apply(step, step / steps_per_epoch)
@@ -192,7 +195,8 @@ class RewardStage:
 
     def _scorer(self, ctx: StageContext):
         """(policy to score with, adapter name): a fresh `reward` adapter on the shared base (peft methods), or, for
-        a method that changes the base (base weights, bottleneck modules) or cannot sit beside LoRA adapters (IA3),
+        a method that changes the base (base weights, bottleneck modules) or cannot sit beside LoRA adapters (IA3,
+        prompt learning),
         a copy of the base of its own (adapter None), as nothing may share weights or layers it changes; PPO later
         holds that reward model as a separate frozen model."""
         from alignment.methods import method_for
@@ -207,7 +211,8 @@ class RewardStage:
 
         scorer = fresh_policy(policy)
         method.prepare(scorer, self.config.adapter_name)  # bottleneck: the modules go into the copy's layers (IA3:
-        # its adapter, active, so the copy's backbone applies it; only its scalings train)
+        # its adapter, active, so the copy's backbone applies it; only its scalings train; prompt learning: only the
+        # virtual tokens or their encoder train, sequence_rewards runs peft's forward to put them in)
         what = {"base": "trains base weights", "modules": "hooks its modules into the base's layers",
                 "peft": "is a peft adapter of another type than the LoRA policy/value adapters"}[method.family]
         console.print(f"adapter.method {method.name}: the reward model {what}, on its own copy of the base "

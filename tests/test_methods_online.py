@@ -417,3 +417,97 @@ def test_ppo_with_ptuning_killed_and_resumed_ends_where_an_uninterrupted_run_doe
     for file in PROMPT_LEARNING_FILES:
         got, want = (load_file(str(r / "1-ppo" / "adapters" / "policy" / file)) for r in (run, ref))
         assert set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want)
+
+
+def keep_reward_training(monkeypatch):
+    """[(scorer, head, parameters at the start)]: the reward model the reward stage trained (the real ``_scorer``
+    and ``save_base_reward_model``, their results kept for the asserts)."""
+    import stages.reward
+
+    kept, start = [], []
+    real_scorer, real_save = stages.reward.RewardStage._scorer, reward_models.trained.save_base_reward_model
+
+    def scorer(self, ctx):
+        made = real_scorer(self, ctx)
+        start.append({n: p.detach().clone() for n, p in made[0].model.named_parameters()})
+        return made
+
+    def save(policy, head, folder, stats, options):
+        kept.append((policy, head, start[-1]))
+        return real_save(policy, head, folder, stats, options)
+
+    monkeypatch.setattr(stages.reward.RewardStage, "_scorer", scorer)
+    monkeypatch.setattr(reward_models.trained, "save_base_reward_model", save)
+    return kept
+
+
+def test_reward_stage_with_prefix_tuning_on_a_copy_of_its_own_then_ppo(toy_dir, runs, monkeypatch):
+    """SFT (LoRA) -> reward (prefix tuning, which peft cannot hold beside the LoRA policy, on its own copy of the base,
+    not checkpointed) -> PPO with that reward model: exactly the prefixes moved, the copy's base is the toy's bit for
+    bit, the saved folder holds the stock peft prefix adapter and the head, and it scores exactly as the trained model
+    did (loaded alone and beside the pipeline's policy); one PPO iteration runs with it as a separate frozen model;
+    the shared base stays the toy's."""
+    from reward_models import TrainedRewardModel
+    from reward_models.trained import PEFT_FOLDER, sequence_rewards
+
+    trained = keep_reward_training(monkeypatch)
+    ppo = {**PPO, "reward": "trained", "iterations": 1, "reward_normalization": "fixed", "rollout": {"engine": "hf"}}
+    pipeline, summary, run_dir = run_pipeline(runs, {"method": "lora", "r": 4}, SFT_STAGE,
+                                              {**REWARD, "adapter": PREFIX}, ppo, name="prefix-reward")
+    assert [s["status"] for s in summary["stages"]] == ["done"] * 3
+    folder = run_dir / summary["stages"][1]["artifacts"]["reward_model"]
+    assert json.loads((folder / PEFT_FOLDER / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
+    assert not list(folder.glob("*.safetensors"))
+    (scorer, head, start), = trained
+    after = {n: p.detach() for n, p in scorer.model.named_parameters()}
+    assert changed_names(start, after) == {"prompt_encoder.reward.embedding.weight"}
+    assert_base_is_the_toys(scorer.base, toy_dir)
+    texts = [p + a for p, a in zip(PROMPTS, ANSWERS)]
+    with torch.no_grad():
+        expected = sequence_rewards(scorer, None, head, texts, 512)
+        with scorer.model.disable_adapter():  # the prefixes change the score: they reach the layers
+            bare = sequence_rewards(scorer, None, head, texts, 512)
+    assert not torch.equal(bare, expected)
+    standalone = TrainedRewardModel.load(folder).score(PROMPTS, ANSWERS)
+    on_policy = TrainedRewardModel.load(folder, policy=pipeline.policy()).score(PROMPTS, ANSWERS)
+    assert torch.equal(standalone, expected) and torch.equal(on_policy, expected)
+    assert first_metrics(run_dir, "2-ppo")["step"] == 1
+    assert_shared_base_is_the_toys(pipeline, toy_dir)
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_reward_stage_with_virtual_tokens_scores_the_last_real_token(method, toy_dir, runs, monkeypatch):
+    """Reward with prompt tuning / P-tuning on a copy of its own: the virtual tokens come first in the hidden
+    states, and the score is read at the last real token (equal to the head on peft's own forward, by hand); only
+    the virtual tokens (or their encoder) moved, the copy's base is the toy's, and the saved folder scores as the
+    trained model did (P-tuning is saved as the virtual tokens its encoder computed: equal up to rounding)."""
+    from reward_models import TrainedRewardModel
+    from reward_models.trained import sequence_rewards
+
+    trained = keep_reward_training(monkeypatch)
+    adapter = {"method": method, "num_virtual_tokens": 4}
+    pipeline, summary, run_dir = run_pipeline(runs, adapter, {**REWARD, "gradient_checkpointing": True},
+                                              name=f"{method}-reward")
+    folder = run_dir / summary["stages"][0]["artifacts"]["reward_model"]
+    (scorer, head, start), = trained
+    after = {n: p.detach() for n, p in scorer.model.named_parameters()}
+    moved = changed_names(start, after)
+    assert moved and all(n.startswith("prompt_encoder.reward.") for n in moved)
+    assert moved == {n for n, p in scorer.model.named_parameters() if p.requires_grad}
+    assert_base_is_the_toys(scorer.base, toy_dir)
+    texts = [p + a for p, a in zip(PROMPTS, ANSWERS)]
+    tokenizer = scorer.tokenizer
+    with torch.no_grad():
+        expected = sequence_rewards(scorer, None, head, texts, 512)
+        by_hand = []
+        for text in texts:  # one at a time, no padding: the last position of peft's output is the last real token
+            ids = tokenizer(text, return_tensors="pt")
+            out = scorer.model(**ids, output_hidden_states=True, use_cache=False)
+            assert out.logits.shape[1] == ids["input_ids"].shape[1] + 4
+            by_hand.append(head(out.hidden_states[-1][0, -1]).float())
+    torch.testing.assert_close(expected, torch.cat(by_hand), rtol=0, atol=1e-5)
+    got = TrainedRewardModel.load(folder).score(PROMPTS, ANSWERS)
+    if method == "prompt":
+        assert torch.equal(got, expected)
+    else:
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
