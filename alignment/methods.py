@@ -369,13 +369,13 @@ class IA3Method(PeftMethod):
 
 
 class PromptLearningMethod(PeftMethod):
-    # Continued (DPO/KTO/ORPO for prefix tuning, EWC chains for all) by policy.load_adapter: peft refuses is_trainable
+    # Continued (DPO/KTO/ORPO, EWC chains) by policy.load_adapter: peft refuses is_trainable
     # for prompt learning, so the saved weights go into a fresh trainable adapter (peft saves P-tuning and prefix
     # tuning with `projection` as the virtual tokens their encoder computed; SharedPolicy.save_adapter writes the
     # encoder beside them). Prompt tuning and P-tuning prepend virtual tokens to the logits: TRL's DPO and KTO
     # trainers keep the real tokens' positions, its ORPO trainer does not (measured: "Expected input batch_size (132)
-    # to match target batch_size (116)"), so they are not continued in ORPO; our own losses and evaluator drop them
-    # with policy.real_token_logits.
+    # to match target batch_size (116)"), so our ORPO stage drops them in a forward hook (stages/orpo.py
+    # ``real_token_trainer``); our own losses and evaluator drop them with policy.real_token_logits.
     # Online (PPO/GRPO/RLOO): on a copy of the base of its own, as IA3 (peft holds one adapter type per model, so not
     # beside the LoRA value/reward adapters); token_logprobs drops the virtual tokens' positions (real_token_logits).
     # Reward: on a copy of the base of its own too (own_copy_reward, as IA3); sequence_rewards reads the hidden state
@@ -411,7 +411,7 @@ class PrefixMethod(PromptLearningMethod):
 
 
 class PromptMethod(PromptLearningMethod):
-    stages = ("sft", "reward", "dpo", "kto", "ppo", "grpo", "rloo", "ewc", "multitask")  # not orpo: see PromptLearningMethod
+    stages = ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo", "rloo", "ewc", "multitask")
 
     def peft_config(self, model):
         from peft import PromptTuningConfig
@@ -425,7 +425,7 @@ class PromptMethod(PromptLearningMethod):
 
 
 class PTuningMethod(PromptLearningMethod):
-    stages = ("sft", "reward", "dpo", "kto", "ppo", "grpo", "rloo", "ewc", "multitask")  # not orpo: see PromptLearningMethod
+    stages = ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo", "rloo", "ewc", "multitask")
 
     def peft_config(self, model):
         from peft import PromptEncoderConfig

@@ -56,7 +56,7 @@ class ORPOStage:
         sft_scores = ctx.gold_scores(trained.model)
         args = TRLORPOConfig(**trl_args(cfg, ctx), beta=cfg.beta, eval_strategy="no")
         schedule_kwargs, schedule_callbacks = trainer_schedule(cfg, trained.model, switch=trained.separate)  # LLRD, unfreezing
-        trainer = ORPOTrainer(
+        trainer = real_token_trainer(ORPOTrainer)(
             model=trained.model,
             args=args,
             train_dataset=Dataset.from_list(rows),
@@ -76,3 +76,28 @@ class ORPOStage:
         metrics.update(ctx.gold_metrics(baseline=sft_scores, model=trained.model))
         target = trained.save()
         return StageResult(metrics=metrics, artifacts={"policy": ctx.relative(target)})
+
+
+def real_token_trainer(trainer_class):
+    """``trainer_class`` (TRL's ORPOTrainer) reading the real tokens' logits. peft's prompt tuning and P-tuning
+    prepend their virtual tokens to the logits the model returns; TRL's DPO and KTO trainers keep the last
+    ``seq_len`` positions, its ORPO trainer compares all of them with the labels (measured: "Expected input
+    batch_size (132) to match target batch_size (116)"). A forward hook on the model, for the one forward of each
+    ORPO step (``concatenated_forward``), drops them (``real_token_logits``: every other method returns one position
+    per input token and is left as it is)."""
+    from alignment.policy import real_token_logits
+
+    def keep_real_tokens(module, args, kwargs, output):
+        input_ids = args[0] if args else kwargs["input_ids"]
+        output.logits = real_token_logits(output.logits, input_ids)
+        return output
+
+    class RealTokenTrainer(trainer_class):
+        def concatenated_forward(self, model, batch):
+            hook = model.register_forward_hook(keep_real_tokens, with_kwargs=True)
+            try:
+                return super().concatenated_forward(model, batch)
+            finally:
+                hook.remove()
+
+    return RealTokenTrainer

@@ -6,6 +6,7 @@ full fine-tuning takes the path the matrix names."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -608,3 +609,19 @@ def test_progressive_unfreezing_of_a_lora_adapter_in_dpo(toy_dir, runs):
     before = artifact_weights(run_dir, sft, "adapter_model.safetensors")
     after = artifact_weights(run_dir, dpo, "adapter_model.safetensors")
     assert changed_names(before, after) == {k for k in before if ".layers.3." in k or ".layers.2." in k}
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_orpo_continues_prompt_tuning_on_the_real_tokens(method, toy_dir, runs):
+    """TRL's ORPO loss compares every logit position with the labels; prompt tuning and P-tuning prepend virtual
+    tokens to the logits, which our ORPO stage drops in one forward hook (stages/orpo.py ``real_token_trainer``), so
+    ORPO continues them: the virtual tokens (P-tuning: every tensor of its encoder) moved from the SFT ones, the loss
+    is finite, the base stays the toy's (ORPO has no reference)."""
+    pipeline, summary, run_dir = run_pipeline(runs, {"method": method, "num_virtual_tokens": 4}, SFT_STAGE,
+                                              {"kind": "orpo", **OFFLINE}, name=f"{method}-orpo")
+    sft, stage = summary["stages"]
+    assert stage["status"] == "done" and math.isfinite(stage["metrics"]["train_loss"])
+    file = "prompt_encoder.safetensors" if method == "ptuning" else "adapter_model.safetensors"
+    before, after = artifact_weights(run_dir, sft, file), artifact_weights(run_dir, stage, file)
+    assert before and changed_names(before, after) == set(before)
+    assert_shared_base_is_the_toys(pipeline, toy_dir)
