@@ -45,7 +45,7 @@ def sequence_rewards(policy, adapter_name: str, head, texts: list[str], max_leng
     batch = batch.to(head.weight.device)
     with policy.using(adapter_name) if adapter_name else mixed_precision(policy.base):  # None: a plain model
         if _prompt_learning(policy.model):
-            hidden = _prompted_hidden(policy.model, batch)
+            hidden = _prompted_hidden(policy, batch)
         else:
             hidden = policy.backbone()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                        use_cache=False).last_hidden_state
@@ -60,15 +60,18 @@ def _prompt_learning(model) -> bool:
     return bool(config is not None and config.is_prompt_learning)
 
 
-def _prompted_hidden(model, batch) -> torch.Tensor:
+def _prompted_hidden(policy, batch) -> torch.Tensor:
     """(B, T, H) final hidden states at the real tokens' positions, through peft's own forward: the virtual tokens
-    (prompt tuning, P-tuning) and the prefixes are put in by ``PeftModel.forward``, which the bare backbone would
-    bypass. They are the LM head's input (a pre-hook, as stages/online.py ``token_logprobs``); prompt tuning and
-    P-tuning put ``num_virtual_tokens`` positions first, dropped here (prefix tuning adds none)."""
+    (prompt tuning, P-tuning) and the prefixes are put in by ``PeftModel.forward``, which calling the backbone
+    directly would bypass. The backbone's output is taken by a forward hook inside that forward (the LM head computes
+    one position only, ``logits_to_keep=1``); prompt tuning and P-tuning put ``num_virtual_tokens`` positions first,
+    dropped here (prefix tuning adds none)."""
     captured = []
-    hook = model.get_output_embeddings().register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    hook = policy.backbone().register_forward_hook(
+        lambda module, args, output: captured.append(output.last_hidden_state))
     try:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        policy.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                     logits_to_keep=1)
     finally:
         hook.remove()
     hidden = captured[-1]
