@@ -103,7 +103,7 @@ def save_reward_model(policy, adapter_name: str, head, folder: Path, stats: dict
 
 
 BASE_SCORE_FILE = "score/score.safetensors"  # outside the model folder's top level, where its weights are globbed
-PEFT_FOLDER = "adapter"  # an IA3 reward model: its stock peft adapter folder (on the recorded base)
+PEFT_FOLDER = "adapter"  # an IA3 / prompt-learning reward model: its stock peft adapter folder (on the recorded base)
 
 
 def save_base_reward_model(policy, head, folder: Path, stats: dict, options) -> None:
