@@ -400,7 +400,7 @@ class PrefixMethod(PromptLearningMethod):
     # Prompt tuning / P-tuning put their virtual tokens in the input embeddings, which checkpointing keeps.
     checkpoint_online = False
 
-    stages = ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo", "rloo", "ewc", "multitask")  # with or without projection
+    stages = ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo", "rloo", "ewc", "multitask")  # also `projection`
 
     def peft_config(self, model):
         from peft import PrefixTuningConfig

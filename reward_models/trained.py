@@ -109,8 +109,8 @@ PEFT_FOLDER = "adapter"  # an IA3 / prompt-learning reward model: its stock peft
 def save_base_reward_model(policy, head, folder: Path, stats: dict, options) -> None:
     """A reward model on a copy of the base of its own: for a method that trained base weights (full, freeze, ...) a
     plain model folder, for bottleneck modules the modules (``BottleneckMethod.save_modules``); the score head in
-    ``score/``, for IA3 or prompt learning its stock peft adapter in ``adapter/``; the method and base in ``method.json``
-    (atomically)."""
+    ``score/``, for IA3 or prompt learning its stock peft adapter in ``adapter/``; the method and base in
+    ``method.json`` (atomically)."""
     from safetensors.torch import save_file
 
     from alignment.io import atomic_dir
