@@ -711,10 +711,21 @@ class BottleneckMethod(Method):
 
 
 class MamMethod(BottleneckMethod):
+    # Continual stages hook its modules into the shared base for the stage, as SFT. Online (PPO/GRPO/RLOO): the SFT
+    # artifact (prefix adapter + modules) on a copy of the base of its own, both trainable (``online_copy``); the
+    # reward stage: both on a copy of its own too (its folder: reward_models/trained.py). Those copies run without
+    # gradient checkpointing, as prefix tuning's (a checkpointed layer drops the prefixes' key/value cache).
     family = "modules"
-    stages = ("sft", "ewc", "multitask")  # continual stages hook its modules into the shared base for the stage, as SFT
-    own_copy_online = False
+    stages = ("sft", "reward", "ppo", "grpo", "rloo", "ewc", "multitask")
+    own_copy_online = True
+    own_copy_reward = True
+    checkpoint_online = False
     note = "prefix tuning (peft) + our parallel bottleneck: HF engine only"
+
+    def online_copy(self, shared, folder):
+        own = fresh_copy(shared)
+        self.load(own, "policy", folder, trainable=True)  # the prefixes and the modules train; the base stays frozen
+        return own
 
     def insert(self, policy):
         o = self.options
@@ -994,7 +1005,7 @@ def catalogue(model_path: str, configured: MethodOptions | None = None) -> list[
             trainable, total, size, (rollout, why) = count_trainable(model_path, options)
         finally:
             log.level = level
-        if method.changes_base and method.own_copy_online:  # base-weight methods, bottleneck (not MAM)
+        if method.changes_base and method.own_copy_online:  # base-weight methods, bottleneck, MAM
             memory = f"after SFT: a trained copy + a frozen reference copy, +{2 * size / 2**20:.1f} MiB"
         elif name == "qlora":
             memory = "shared base in 4-bit"

@@ -304,7 +304,10 @@ class SharedPolicy:
     def backbone(self):
         """The transformer body (no LM head) with the active adapter applied: hidden states for score heads."""
         causal = self.model.get_base_model() if self.model is not self.base else self.base
-        return getattr(causal, causal.base_model_prefix)
+        inner = getattr(causal, causal.base_model_prefix)
+        if self.model is not self.base and self.model.peft_config[self.model.active_adapter].peft_type == "PREFIX_TUNING":
+            return _through_prefixes(self.model, inner)  # MAM's reward model
+        return inner
 
     def checkpointing(self, on: bool = True):
         """Gradient checkpointing on the shared base inside the block (see ``gradient_checkpointing``)."""
@@ -352,6 +355,23 @@ class SharedPolicy:
                 f"{config_file}: adapter was trained on base {recorded!r}, not the configured model "
                 f"{self.model_path!r}; set `model:` to that base or retrain the adapter"
             )
+
+
+def _through_prefixes(model, inner):
+    """``inner`` (the body) called through peft's full forward: peft puts prefix tuning's prefixes in as the
+    layers' key/value cache in its own forward, which the bare body never sees. The body's output is kept; the LM
+    head computes one position only."""
+
+    def forward(**kwargs):
+        kept = []
+        hook = inner.register_forward_hook(lambda module, args, output: kept.append(output))
+        try:
+            model(**kwargs, logits_to_keep=1)
+        finally:
+            hook.remove()
+        return kept[-1]
+
+    return forward
 
 
 def mixed_precision(model):

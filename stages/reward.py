@@ -104,7 +104,10 @@ class RewardStage:
             scheduler.load_state_dict(resumed["scheduler"])
             checkpoint.set_python_rng_state(rng, resumed["rng"])
         monitor = GradNormMonitor(ctx.label, ctx.dir)
-        with scorer.checkpointing(cfg.gradient_checkpointing):  # recompute activations in backward
+        from alignment.methods import method_for
+
+        # recompute activations in backward (not with MAM's prefixes: a checkpointed layer drops their cache)
+        with scorer.checkpointing(cfg.gradient_checkpointing and method_for(ctx.adapter).checkpoint_online):
             while step < total:
                 if unfreezing is not None:
                     unfreezing.apply(step, step / steps_per_epoch)

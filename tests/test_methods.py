@@ -208,8 +208,8 @@ def test_bad_method_options_are_rejected_before_any_model_loads():
     assert "unknown `method`" in problems({"method": "loha"})[0]
     assert problems({"method": "bottleneck", "placement": "middle"})[0].startswith("adapter.placement:")
     assert problems({"method": "mam"}, "sft", "dpo") == [
-        "adapter.method: a 'dpo' stage does not support method 'mam' (it supports: sft, ewc, multitask); override "
-        "`adapter:` for this stage, e.g. `adapter: {method: lora}` (see `alignment methods`)"]
+        "adapter.method: a 'dpo' stage does not support method 'mam' (it supports: sft, reward, ppo, grpo, rloo, "
+        "ewc, multitask); override `adapter:` for this stage, e.g. `adapter: {method: lora}` (see `alignment methods`)"]
     with pytest.raises(ConfigError) as e:
         config_from_dict({"name": "x", "adapter": {"method": "full"},
                           "stages": [{"kind": "ewc", "data": "toy:task/sentiment", "objective": "dpo"}]})
