@@ -716,7 +716,7 @@ class MamMethod(BottleneckMethod):
     # reward stage: both on a copy of its own too (its folder: reward_models/trained.py). Those copies run without
     # gradient checkpointing, as prefix tuning's (a checkpointed layer drops the prefixes' key/value cache).
     family = "modules"
-    stages = ("sft", "reward", "ppo", "grpo", "rloo", "ewc", "multitask")
+    stages = MODULE_STAGES
     own_copy_online = True
     own_copy_reward = True
     checkpoint_online = False

@@ -374,6 +374,37 @@ def _through_prefixes(model, inner):
     return forward
 
 
+class PrefixedReference(torch.nn.Module):
+    """A frozen peft prefix-tuning model (MAM's DPO/KTO reference, on a copy of the base of its own) in the shape
+    TRL's fused log-prob head patches (``trl.trainer.utils.add_fused_lm_head``): that head calls the model's
+    ``base_model`` for the body's hidden states. On a PeftModel TRL did not wrap, ``base_model`` is the causal LM
+    (measured: "'CausalLMOutputWithPast' object has no attribute 'last_hidden_state'"), and the bare body would skip
+    the prefixes; here it is the body run through peft's forward (``_through_prefixes``)."""
+
+    def __init__(self, peft_model):
+        super().__init__()
+        self.peft_model = peft_model
+        self.config = peft_model.get_base_model().config
+
+    def forward(self, *args, **kwargs):
+        return self.peft_model(*args, **kwargs)
+
+    def base_model(self, **kwargs):
+        causal = self.peft_model.get_base_model()
+        return _through_prefixes(self.peft_model, getattr(causal, causal.base_model_prefix))(**kwargs)
+
+    def get_output_embeddings(self):
+        return self.peft_model.get_output_embeddings()
+
+    @property
+    def device(self):
+        return self.peft_model.device
+
+    @property
+    def dtype(self):
+        return self.peft_model.get_base_model().dtype
+
+
 def mixed_precision(model):
     """Autocast to the model's half-precision dtype (bf16, fp16) inside the block, as transformers' Trainer does for
     TRL's stages. peft keeps adapter weights in float32 beside a half-precision base, so without it every adapter

@@ -149,7 +149,7 @@ class OfflinePolicy:
                 ctx.policy.load_adapter("policy", self.sft, trainable=True)
             self.model = ctx.policy.model
             return
-        if isinstance(self.method, MamMethod) or not isinstance(self.method, (BaseWeightMethod, BottleneckMethod)):
+        if not isinstance(self.method, (BaseWeightMethod, BottleneckMethod)):
             raise UserError(f"stages.{ctx.index}.adapter.method: {self.method.name!r} is not supported by {stage}")
         from alignment.metrics import console
 
@@ -158,6 +158,10 @@ class OfflinePolicy:
         if reference:
             self.ref_model = self.method.load(fresh_policy(ctx.policy), "policy", self.sft).eval()
             self.ref_model.requires_grad_(False)
+            if isinstance(self.method, MamMethod):  # its prefixes through TRL's fused log-prob head
+                from alignment.policy import PrefixedReference
+
+                self.ref_model = PrefixedReference(self.ref_model)
         copies = "its own copy of the base" + (" and the reference is another, frozen copy" if reference else "")
         console.print(f"adapter.method {self.method.name}: the policy changes base weights; {stage} trains it on "
                       f"{copies} ({memory_note(ctx.policy.base, 2 if reference else 1)})")
@@ -190,6 +194,10 @@ class OfflinePolicy:
         for f in sorted(Path(self.sft).glob("*.safetensors")):
             saved.update(load_file(str(f)))
         state = self.ref_model.state_dict()
+        if hasattr(self.ref_model, "peft_model"):  # MAM: the modules on the copy's base, and the prefixes
+            model = self.ref_model.peft_model
+            state = {**model.get_base_model().state_dict(),
+                     "prompt_embeddings": model.prompt_encoder["policy"].embedding.weight}
         return max(float((state[k].float() - v.float()).abs().max()) for k, v in saved.items() if k in state)
 
     def save(self) -> Path:

@@ -197,9 +197,9 @@ def test_ppo_with_bottleneck_modules_killed_and_resumed_ends_where_an_uninterrup
 
 
 def test_validate_accepts_the_stages_the_matrix_names_and_refuses_the_rest():
-    """Bottleneck, IA3 and MAM in the reward and online stages, prompt learning (prefix with and without `projection`,
-    prompt, P-tuning) in the online stages; MAM in DPO and prompt learning in the reward stage are still refused
-    with the one-line message."""
+    """Bottleneck, IA3 and MAM in the reward and online stages (MAM in DPO/KTO/ORPO too), prompt learning (prefix with
+    and without `projection`, prompt, P-tuning) in the online stages; prompt learning in the reward stage is still
+    refused with the one-line message."""
     from alignment.config import config_from_dict
     from alignment.errors import ConfigError
 
@@ -215,11 +215,8 @@ def test_validate_accepts_the_stages_the_matrix_names_and_refuses_the_rest():
     for kind in ("ppo", "grpo", "rloo"):
         for adapter in prompt_learning:
             config_from_dict({"name": "x", "adapter": adapter, "stages": stages(kind)})
-    with pytest.raises(ConfigError) as e:
-        config_from_dict({"name": "x", "adapter": {"method": "mam"}, "stages": [{"kind": "sft"}, {"kind": "dpo"}]})
-    assert e.value.problems == [
-        "adapter.method: a 'dpo' stage does not support method 'mam' (it supports: sft, reward, ppo, grpo, rloo, ewc, "
-        "multitask); override `adapter:` for this stage, e.g. `adapter: {method: lora}` (see `alignment methods`)"]
+    for kind in ("dpo", "kto", "orpo"):
+        config_from_dict({"name": "x", "adapter": {"method": "mam"}, "stages": [{"kind": "sft"}, {"kind": kind}]})
     with pytest.raises(ConfigError) as e:
         config_from_dict({"name": "x", "adapter": {"method": "prompt"}, "stages": stages("reward")})
     assert e.value.problems == [
@@ -532,4 +529,53 @@ def test_reward_stage_with_mam_on_a_copy_of_its_own_then_ppo(toy_dir, runs, monk
     on_policy = TrainedRewardModel.load(folder, policy=pipeline.policy()).score(PROMPTS, ANSWERS)
     assert torch.equal(standalone, expected) and torch.equal(on_policy, expected)
     assert first_metrics(run_dir, "2-ppo")["step"] == 1
+    assert_shared_base_is_the_toys(pipeline, toy_dir)
+
+
+def test_prefixed_reference_gives_trl_s_fused_head_the_log_probs_through_the_prefixes(toy_dir):
+    """MAM's DPO/KTO reference is a peft prefix model TRL did not wrap: TRL's fused log-prob head (patched onto it as
+    TRL does) reads the body through ``PrefixedReference``, so its per-token log-probs are the MAM model's own
+    (log-softmax of its logits, prefixes and modules applied), not those of the body without the prefixes."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from alignment.methods import MamMethod, MamOptions
+    from alignment.policy import PrefixedReference
+
+    policy = SharedPolicy.load(str(toy_dir / "model"))
+    model = MamMethod(MamOptions(**MAM)).prepare(policy, "policy")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "_adapter.up" in name:
+                param.add_(0.05)  # the modules start at zero: make them count
+    model.eval().requires_grad_(False)
+    batch = policy.tokenizer([p + a for p, a in zip(PROMPTS, ANSWERS)], return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        logits = model(**batch).logits[:, :-1].float()
+        want = torch.log_softmax(logits, -1).gather(-1, labels[:, 1:].clamp(min=0)[:, :, None]).squeeze(-1)
+        want = want.masked_fill(labels[:, 1:] == -100, 0)
+        reference = PrefixedReference(model)
+        add_fused_lm_head(reference)
+        got = reference(**batch, labels=labels, fused_lm_head=True).log_probs
+        with model.disable_adapter():  # the modules without the prefixes
+            without = reference(**batch, labels=labels, fused_lm_head=True).log_probs
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert (got - without).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["dpo", "kto", "orpo"])
+def test_offline_preference_stage_with_mam(kind, toy_dir, runs):
+    """SFT -> DPO/KTO/ORPO with MAM: the SFT artifact on a copy of the base of its own, every prefix and module
+    tensor moved from its SFT value, the reference (a separate frozen copy with the SFT prefixes and modules, read by
+    TRL through ``PrefixedReference``; ORPO has none) is the SFT policy bit for bit, the shared base stays the toy's."""
+    offline = {"max_steps": 2, "batch_size": 4, "max_samples": 32, "eval_fraction": 0.0, "lr_scheduler": "constant",
+               "warmup_ratio": 0.0, "learning_rate": 1.0e-3}
+    pipeline, summary, run_dir = run_pipeline(runs, MAM, SFT_STAGE, {"kind": kind, **offline}, name=f"mam-{kind}")
+    sft, stage = summary["stages"]
+    assert stage["status"] == "done"
+    before, after = mam_weights(run_dir, sft), mam_weights(run_dir, stage)
+    assert set(before) == set(after) and changed_names(before, after) == set(before)
+    assert any(n.startswith("adapter_model") for n in before) and any(n.startswith(BOTTLENECK_FILE) for n in before)
+    if kind != "orpo":
+        assert stage["metrics"]["reference_max_abs_diff"] == 0.0
     assert_shared_base_is_the_toys(pipeline, toy_dir)
