@@ -824,8 +824,9 @@ def quantization_for(config):
 
 class FrozenBasePolicy:
     """What an online stage sees when the policy's method changes the base (it trains base weights: full, freeze,
-    head, modules, bitfit; or hooks our bottleneck modules into the layers) or is a peft adapter that cannot sit
-    beside the LoRA value/reward adapters (IA3, prompt learning: peft holds one adapter type per model).
+    head, modules, bitfit; or hooks our bottleneck modules into the layers, MAM's with its prefix adapter) or is a
+    peft adapter that cannot sit beside the LoRA value/reward adapters (IA3, prompt learning: peft holds one adapter
+    type per model).
 
     Nothing can share weights or layers that the policy changes, so three models are held:
         `policy`     the trainable model: the SFT artifact on a copy of the base of its own (``Method.online_copy``)
@@ -891,8 +892,8 @@ class FrozenBasePolicy:
     def checkpointing(self, on: bool = True):
         from alignment.policy import gradient_checkpointing
 
-        # Prefix tuning: the policy's copy is not checkpointed (a checkpointed layer drops the prefixes' key/value
-        # cache; PromptLearningMethod.trainer_args turns it off for TRL); the shared base (value adapter) still is.
+        # Prefix tuning and MAM: the policy's copy is not checkpointed (a checkpointed layer drops the prefixes'
+        # key/value cache; their trainer_args turn it off for TRL); the shared base (value adapter) still is.
         own = [self.own.base] if self.method.checkpoint_online else []
         return gradient_checkpointing([*own, self.shared.base], on)
 
@@ -915,7 +916,7 @@ def _entered(context, value):
 
 def online_policy(ctx):
     """The policy an online stage trains: the shared one with `policy` and a frozen `reference` adapter, or, for a
-    method that trains on a copy of its own (base-weight, bottleneck, IA3, prompt learning), a ``FrozenBasePolicy``
+    method that trains on a copy of its own (base-weight, bottleneck, MAM, IA3, prompt learning), a ``FrozenBasePolicy``
     (said on the console with its memory cost)."""
     method = method_for(ctx.adapter)
     policy = ctx.policy

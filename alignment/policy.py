@@ -302,11 +302,12 @@ class SharedPolicy:
                 self.activate(previous)
 
     def backbone(self):
-        """The transformer body (no LM head) with the active adapter applied: hidden states for score heads."""
+        """The transformer body (no LM head) with the active adapter applied: hidden states for score heads. With a
+        prefix adapter active (MAM's reward model) the body is run through peft's forward (``_through_prefixes``)."""
         causal = self.model.get_base_model() if self.model is not self.base else self.base
         inner = getattr(causal, causal.base_model_prefix)
-        if self.model is not self.base and self.model.peft_config[self.model.active_adapter].peft_type == "PREFIX_TUNING":
-            return _through_prefixes(self.model, inner)  # MAM's reward model
+        if self.model is not self.base and self.model.active_peft_config.peft_type == "PREFIX_TUNING":
+            return _through_prefixes(self.model, inner)
         return inner
 
     def checkpointing(self, on: bool = True):

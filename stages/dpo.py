@@ -127,10 +127,11 @@ class OfflinePolicy:
 
     peft adapters (the LoRA family, IA3): the `policy` adapter is loaded as TRL's `default` and TRL copies it into
     a frozen `ref` adapter on the shared base (``ref_model`` None; ORPO has no reference and trains `policy`).
-    Methods that change the base (full, freeze, head, modules, bitfit; our bottleneck modules): nothing may share
-    weights the policy changes, so the SFT policy is loaded onto a fresh copy of the base and trained there, and the
-    reference is a second fresh copy with the SFT policy loaded frozen (two extra copies of the base, said on the
-    console); the shared base is not touched.
+    Methods that change the base (full, freeze, head, modules, bitfit; our bottleneck modules, and MAM's with its
+    prefix adapter): nothing may share weights the policy changes, so the SFT policy is loaded onto a fresh copy of
+    the base and trained there, and the reference is a second fresh copy with the SFT policy loaded frozen (two extra
+    copies of the base, said on the console; MAM's is handed to TRL as ``PrefixedReference``); the shared base is not
+    touched.
     """
 
     def __init__(self, ctx: StageContext, stage: str, reference: bool = True):

@@ -28,8 +28,8 @@ class RewardConfig(ScheduleFields):  # + layer_lr_decay, unfreeze_every, unfreez
 
 class RewardStage:
     """Reward model (Bradley-Terry): a score head + a `reward` adapter (LoRA family) on the shared base, or, for a
-    method that changes the base (trains base weights, or hooks bottleneck modules into it), on a copy of the base
-    of its own."""
+    method that changes the base (trains base weights, or hooks bottleneck modules into it, MAM with its prefix
+    adapter), on a copy of the base of its own."""
 
     Config = RewardConfig
 
@@ -195,7 +195,7 @@ class RewardStage:
 
     def _scorer(self, ctx: StageContext):
         """(policy to score with, adapter name): a fresh `reward` adapter on the shared base (peft methods), or, for
-        a method that changes the base (base weights, bottleneck modules) or cannot sit beside LoRA adapters (IA3),
+        a method that changes the base (base weights, bottleneck modules, MAM) or cannot sit beside LoRA adapters (IA3),
         a copy of the base of its own (adapter None), as nothing may share weights or layers it changes; PPO later
         holds that reward model as a separate frozen model."""
         from alignment.methods import method_for

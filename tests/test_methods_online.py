@@ -3,7 +3,8 @@
 and MAM in PPO / GRPO / RLOO train only the method's parameters of the policy's own copy of the base, the reference
 is the SFT policy (KL 0 before the first update), the saved policy reloads to the same logits, a killed PPO resumes
 to an uninterrupted run's end; a bottleneck, IA3 or MAM reward model trains on a copy of its own and PPO holds it as
-a separate frozen model. ``held`` keeps the policy the stage built (the real ``online_policy``) so its copy can be inspected after the stage."""
+a separate frozen model. ``held`` keeps the policy the stage built (the real ``online_policy``) so its copy can be
+inspected after the stage."""
 
 from __future__ import annotations
 
@@ -444,7 +445,6 @@ def test_ppo_with_mam_on_a_copy_of_its_own(toy_dir, runs, held):
     (policy,) = held
     trained = policy.policy_model
     trainable = {n for n, p in trained.named_parameters() if p.requires_grad}
-    assert {n for n in trainable if n.startswith("prompt_encoder.policy.")} == {"prompt_encoder.policy.embedding.weight"}
     modules = {n for n in trainable if "_adapter." in n}
     assert trainable == {"prompt_encoder.policy.embedding.weight"} | modules
     assert {n.removeprefix("base_model.") for n in modules} == \
