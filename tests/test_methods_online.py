@@ -579,3 +579,33 @@ def test_offline_preference_stage_with_mam(kind, toy_dir, runs):
     if kind != "orpo":
         assert stage["metrics"]["reference_max_abs_diff"] == 0.0
     assert_shared_base_is_the_toys(pipeline, toy_dir)
+
+
+def test_ppo_with_mam_killed_and_resumed_ends_where_an_uninterrupted_run_does(tmp_path, toy_dir):
+    """A MAM policy on its own copy of the base is checkpointed as its trainable tensors (the prefixes and the
+    modules): kill -9 inside PPO, rerun, and every iteration's numbers and the final saved policy (prefix adapter and
+    modules) equal an uninterrupted run's."""
+    import signal
+
+    import yaml
+
+    from tests.forked import run_forked
+    from tests.test_resume import cli, logged
+
+    raw = {"name": "mam", "model": str(toy_dir / "model"), "output_dir": str(tmp_path / "runs"), "adapter": MAM,
+           "stages": [{**SFT_STAGE}, {**PPO, "iterations": 3}]}
+    config = tmp_path / "mam.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    rc, err = run_forked(["run", str(config), "name=reference"], tmp_path / "stderr-reference.txt")
+    assert rc == 0, err[-3000:]
+    rc, err = cli(tmp_path, config, kill_at="1-ppo:step:2")
+    assert rc == -signal.SIGKILL, err[-3000:]
+    rc, err = cli(tmp_path, config)
+    assert rc == 0, err[-3000:]
+    assert "resuming 1-ppo from iter-00001" in err
+    run, ref = tmp_path / "runs" / "mam", tmp_path / "runs" / "reference"
+    lines = logged(run / "1-ppo")
+    assert [x["step"] for x in lines] == [1, 2, 3] and lines == logged(ref / "1-ppo")
+    for file in ("adapter_model.safetensors", BOTTLENECK_FILE):
+        got, want = (load_file(str(r / "1-ppo" / "adapters" / "policy" / file)) for r in (run, ref))
+        assert set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want)
