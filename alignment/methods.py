@@ -714,10 +714,21 @@ class BottleneckMethod(Method):
 
 
 class MamMethod(BottleneckMethod):
+    # Continual stages hook its modules into the shared base for the stage, as SFT. Online (PPO/GRPO/RLOO): the SFT
+    # artifact (prefix adapter + modules) on a copy of the base of its own, both trainable (``online_copy``); the
+    # reward stage: both on a copy of its own too (its folder: reward_models/trained.py). Those copies run without
+    # gradient checkpointing, as prefix tuning's (a checkpointed layer drops the prefixes' key/value cache).
     family = "modules"
-    stages = ("sft", "ewc", "multitask")  # continual stages hook its modules into the shared base for the stage, as SFT
-    own_copy_online = False
+    stages = MODULE_STAGES
+    own_copy_online = True
+    own_copy_reward = True
+    checkpoint_online = False
     note = "prefix tuning (peft) + our parallel bottleneck: HF engine only"
+
+    def online_copy(self, shared, folder):
+        own = fresh_copy(shared)
+        self.load(own, "policy", folder, trainable=True)  # the prefixes and the modules train; the base stays frozen
+        return own
 
     def insert(self, policy):
         o = self.options
@@ -816,8 +827,9 @@ def quantization_for(config):
 
 class FrozenBasePolicy:
     """What an online stage sees when the policy's method changes the base (it trains base weights: full, freeze,
-    head, modules, bitfit; or hooks our bottleneck modules into the layers) or is a peft adapter that cannot sit
-    beside the LoRA value/reward adapters (IA3, prompt learning: peft holds one adapter type per model).
+    head, modules, bitfit; or hooks our bottleneck modules into the layers, MAM's with its prefix adapter) or is a
+    peft adapter that cannot sit beside the LoRA value/reward adapters (IA3, prompt learning: peft holds one adapter
+    type per model).
 
     Nothing can share weights or layers that the policy changes, so three models are held:
         `policy`     the trainable model: the SFT artifact on a copy of the base of its own (``Method.online_copy``)
@@ -883,8 +895,8 @@ class FrozenBasePolicy:
     def checkpointing(self, on: bool = True):
         from alignment.policy import gradient_checkpointing
 
-        # Prefix tuning: the policy's copy is not checkpointed (a checkpointed layer drops the prefixes' key/value
-        # cache; PromptLearningMethod.trainer_args turns it off for TRL); the shared base (value adapter) still is.
+        # Prefix tuning and MAM: the policy's copy is not checkpointed (a checkpointed layer drops the prefixes'
+        # key/value cache; their trainer_args turn it off for TRL); the shared base (value adapter) still is.
         own = [self.own.base] if self.method.checkpoint_online else []
         return gradient_checkpointing([*own, self.shared.base], on)
 
@@ -907,7 +919,7 @@ def _entered(context, value):
 
 def online_policy(ctx):
     """The policy an online stage trains: the shared one with `policy` and a frozen `reference` adapter, or, for a
-    method that trains on a copy of its own (base-weight, bottleneck, IA3, prompt learning), a ``FrozenBasePolicy``
+    method that trains on a copy of its own (base-weight, bottleneck, MAM, IA3, prompt learning), a ``FrozenBasePolicy``
     (said on the console with its memory cost)."""
     method = method_for(ctx.adapter)
     policy = ctx.policy
@@ -997,7 +1009,7 @@ def catalogue(model_path: str, configured: MethodOptions | None = None) -> list[
             trainable, total, size, (rollout, why) = count_trainable(model_path, options)
         finally:
             log.level = level
-        if method.changes_base and method.own_copy_online:  # base-weight methods, bottleneck (not MAM)
+        if method.changes_base and method.own_copy_online:  # base-weight methods, bottleneck, MAM
             memory = f"after SFT: a trained copy + a frozen reference copy, +{2 * size / 2**20:.1f} MiB"
         elif name == "qlora":
             memory = "shared base in 4-bit"

@@ -302,9 +302,13 @@ class SharedPolicy:
                 self.activate(previous)
 
     def backbone(self):
-        """The transformer body (no LM head) with the active adapter applied: hidden states for score heads."""
+        """The transformer body (no LM head) with the active adapter applied: hidden states for score heads. With a
+        prefix adapter active (MAM's reward model) the body is run through peft's forward (``_through_prefixes``)."""
         causal = self.model.get_base_model() if self.model is not self.base else self.base
-        return getattr(causal, causal.base_model_prefix)
+        inner = getattr(causal, causal.base_model_prefix)
+        if self.model is not self.base and self.model.active_peft_config.peft_type == "PREFIX_TUNING":
+            return _through_prefixes(self.model, inner)
+        return inner
 
     def checkpointing(self, on: bool = True):
         """Gradient checkpointing on the shared base inside the block (see ``gradient_checkpointing``)."""
@@ -352,6 +356,54 @@ class SharedPolicy:
                 f"{config_file}: adapter was trained on base {recorded!r}, not the configured model "
                 f"{self.model_path!r}; set `model:` to that base or retrain the adapter"
             )
+
+
+def _through_prefixes(model, inner):
+    """``inner`` (the body) called through peft's full forward: peft puts prefix tuning's prefixes in as the
+    layers' key/value cache in its own forward, which the bare body never sees. The body's output is kept; the LM
+    head computes one position only."""
+
+    def forward(**kwargs):
+        kept = []
+        hook = inner.register_forward_hook(lambda module, args, output: kept.append(output))
+        try:
+            model(**kwargs, logits_to_keep=1)
+        finally:
+            hook.remove()
+        return kept[-1]
+
+    return forward
+
+
+class PrefixedReference(torch.nn.Module):
+    """A frozen peft prefix-tuning model (MAM's DPO/KTO reference, on a copy of the base of its own) in the shape
+    TRL's fused log-prob head patches (``trl.trainer.utils.add_fused_lm_head``): that head calls the model's
+    ``base_model`` for the body's hidden states. On a PeftModel TRL did not wrap, ``base_model`` is the causal LM
+    (measured: "'CausalLMOutputWithPast' object has no attribute 'last_hidden_state'"), and the bare body would skip
+    the prefixes; here it is the body run through peft's forward (``_through_prefixes``)."""
+
+    def __init__(self, peft_model):
+        super().__init__()
+        self.peft_model = peft_model
+        self.config = peft_model.get_base_model().config
+
+    def forward(self, *args, **kwargs):
+        return self.peft_model(*args, **kwargs)
+
+    def base_model(self, **kwargs):
+        causal = self.peft_model.get_base_model()
+        return _through_prefixes(self.peft_model, getattr(causal, causal.base_model_prefix))(**kwargs)
+
+    def get_output_embeddings(self):
+        return self.peft_model.get_output_embeddings()
+
+    @property
+    def device(self):
+        return self.peft_model.device
+
+    @property
+    def dtype(self):
+        return self.peft_model.get_base_model().dtype
 
 
 def mixed_precision(model):

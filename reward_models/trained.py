@@ -6,9 +6,10 @@ plus ``PeftModel.from_pretrained(model, folder)`` gives the same scores. In the 
 base as a named adapter (default ``reward``): no second copy of the base. The adapter may be any of the LoRA family
 (rsLoRA and DoRA flags are kept). A reward model trained with a base-weight method (full, freeze, ...) is a plain
 model folder with the head in ``score/`` (``save_base_reward_model``; with bottleneck modules the folder holds the
-modules as the SFT artifact does, ``bottleneck.safetensors`` + ``method.json``, instead of the model's weights; with
-IA3 or prompt learning (prefix, prompt, P-tuning), which peft cannot hold beside the LoRA policy, its stock peft folder
-in ``adapter/``, P-tuning's and the prefix projection's encoder beside it as for a policy);
+modules as the SFT artifact does, ``bottleneck.safetensors`` + ``method.json``, instead of the model's weights,
+and with MAM its prefix adapter's stock peft files beside them, as in its SFT folder; with IA3 or prompt learning
+(prefix, prompt, P-tuning), which peft cannot hold beside the LoRA policy, its stock peft folder in ``adapter/``,
+P-tuning's and the prefix projection's encoder beside it as for a policy);
 ``TrainedRewardModel.load`` holds it as a separate frozen model.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -108,18 +110,23 @@ PEFT_FOLDER = "adapter"  # an IA3 / prompt-learning reward model: its stock peft
 
 def save_base_reward_model(policy, head, folder: Path, stats: dict, options) -> None:
     """A reward model on a copy of the base of its own: for a method that trained base weights (full, freeze, ...) a
-    plain model folder, for bottleneck modules the modules (``BottleneckMethod.save_modules``); the score head in
-    ``score/``, for IA3 or prompt learning its stock peft adapter in ``adapter/``; the method and base in
-    ``method.json`` (atomically)."""
+    plain model folder, for bottleneck modules the modules (``BottleneckMethod.save_modules``; MAM: with its prefix
+    adapter's peft files beside them); the score head in ``score/``, for IA3 or prompt learning its stock peft
+    adapter in ``adapter/``; the method and base in ``method.json`` (atomically)."""
     from safetensors.torch import save_file
 
     from alignment.io import atomic_dir
-    from alignment.methods import BottleneckMethod, method_for
+    from alignment.methods import BottleneckMethod, MamMethod, method_for
 
     method = method_for(options)
     with atomic_dir(Path(folder)) as tmp:
         if isinstance(method, BottleneckMethod):
             method.save_modules(policy, tmp)
+            if isinstance(method, MamMethod):  # its prefix adapter beside the modules, as in its SFT folder
+                policy.save_adapter(policy.adapters[0], tmp / PEFT_FOLDER)
+                for f in (tmp / PEFT_FOLDER).iterdir():
+                    shutil.move(str(f), tmp / f.name)
+                (tmp / PEFT_FOLDER).rmdir()
         elif policy.adapters:  # IA3: the stock peft adapter (CAUSAL_LM) of the copy, in a folder of its own
             policy.save_adapter(policy.adapters[0], tmp / PEFT_FOLDER)
         else:
@@ -172,8 +179,8 @@ def load_base_reward_model(cls, folder: Path, policy, adapter_name: str, **kwarg
     stats_file = folder / STATS_FILE
     stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
     peft_type = json.loads((folder / PEFT_FOLDER / "adapter_config.json").read_text())["peft_type"] if peft else ""
-    what = f"a {peft_type} adapter on the base" if peft else "bottleneck modules on the base" if modules else \
-        "trained base weights"
+    what = f"a {peft_type} adapter on the base" if peft else "MAM's prefixes and modules on the base" if own.adapters \
+        else "bottleneck modules on the base" if modules else "trained base weights"
     console.print(f"reward model {folder.name}: {what}; held as a separate frozen model "
                   f"(+{parameter_bytes(model) / 2**20:.1f} MiB)")
     return cls(own, None, head.to(model.device), stats=stats, **kwargs)

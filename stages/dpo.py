@@ -127,10 +127,11 @@ class OfflinePolicy:
 
     peft adapters (the LoRA family, IA3): the `policy` adapter is loaded as TRL's `default` and TRL copies it into
     a frozen `ref` adapter on the shared base (``ref_model`` None; ORPO has no reference and trains `policy`).
-    Methods that change the base (full, freeze, head, modules, bitfit; our bottleneck modules): nothing may share
-    weights the policy changes, so the SFT policy is loaded onto a fresh copy of the base and trained there, and the
-    reference is a second fresh copy with the SFT policy loaded frozen (two extra copies of the base, said on the
-    console); the shared base is not touched.
+    Methods that change the base (full, freeze, head, modules, bitfit; our bottleneck modules, and MAM's with its
+    prefix adapter): nothing may share weights the policy changes, so the SFT policy is loaded onto a fresh copy of
+    the base and trained there, and the reference is a second fresh copy with the SFT policy loaded frozen (two extra
+    copies of the base, said on the console; MAM's is handed to TRL as ``PrefixedReference``); the shared base is not
+    touched.
     """
 
     def __init__(self, ctx: StageContext, stage: str, reference: bool = True):
@@ -149,7 +150,7 @@ class OfflinePolicy:
                 ctx.policy.load_adapter("policy", self.sft, trainable=True)
             self.model = ctx.policy.model
             return
-        if isinstance(self.method, MamMethod) or not isinstance(self.method, (BaseWeightMethod, BottleneckMethod)):
+        if not isinstance(self.method, (BaseWeightMethod, BottleneckMethod)):
             raise UserError(f"stages.{ctx.index}.adapter.method: {self.method.name!r} is not supported by {stage}")
         from alignment.metrics import console
 
@@ -158,6 +159,10 @@ class OfflinePolicy:
         if reference:
             self.ref_model = self.method.load(fresh_policy(ctx.policy), "policy", self.sft).eval()
             self.ref_model.requires_grad_(False)
+            if isinstance(self.method, MamMethod):  # its prefixes through TRL's fused log-prob head
+                from alignment.policy import PrefixedReference
+
+                self.ref_model = PrefixedReference(self.ref_model)
         copies = "its own copy of the base" + (" and the reference is another, frozen copy" if reference else "")
         console.print(f"adapter.method {self.method.name}: the policy changes base weights; {stage} trains it on "
                       f"{copies} ({memory_note(ctx.policy.base, 2 if reference else 1)})")
@@ -190,6 +195,10 @@ class OfflinePolicy:
         for f in sorted(Path(self.sft).glob("*.safetensors")):
             saved.update(load_file(str(f)))
         state = self.ref_model.state_dict()
+        if hasattr(self.ref_model, "peft_model"):  # MAM: the modules on the copy's base, and the prefixes
+            model = self.ref_model.peft_model
+            state = {**model.get_base_model().state_dict(),
+                     "prompt_embeddings": model.prompt_encoder["policy"].embedding.weight}
         return max(float((state[k].float() - v.float()).abs().max()) for k, v in saved.items() if k in state)
 
     def save(self) -> Path:

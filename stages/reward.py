@@ -28,8 +28,8 @@ class RewardConfig(ScheduleFields):  # + layer_lr_decay, unfreeze_every, unfreez
 
 class RewardStage:
     """Reward model (Bradley-Terry): a score head + a `reward` adapter (LoRA family) on the shared base, or, for a
-    method that changes the base (trains base weights, or hooks bottleneck modules into it), on a copy of the base
-    of its own."""
+    method that changes the base (trains base weights, or hooks bottleneck modules into it, MAM with its prefix
+    adapter), on a copy of the base of its own."""
 
     Config = RewardConfig
 
@@ -106,8 +106,8 @@ class RewardStage:
         monitor = GradNormMonitor(ctx.label, ctx.dir)
         from alignment.methods import method_for
 
-        checkpointed = cfg.gradient_checkpointing and method_for(ctx.adapter).checkpoint_online  # not prefix tuning
-        with scorer.checkpointing(checkpointed):  # recompute activations in backward
+        # recompute activations in backward (not with MAM's prefixes: a checkpointed layer drops their cache)
+        with scorer.checkpointing(cfg.gradient_checkpointing and method_for(ctx.adapter).checkpoint_online):
             while step < total:
                 if unfreezing is not None:
                     unfreezing.apply(step, step / steps_per_epoch)
@@ -195,8 +195,8 @@ class RewardStage:
 
     def _scorer(self, ctx: StageContext):
         """(policy to score with, adapter name): a fresh `reward` adapter on the shared base (peft methods), or, for
-        a method that changes the base (base weights, bottleneck modules) or cannot sit beside LoRA adapters (IA3,
-        prompt learning),
+        a method that changes the base (base weights, bottleneck modules, MAM) or cannot sit beside LoRA adapters
+        (IA3, prompt learning),
         a copy of the base of its own (adapter None), as nothing may share weights or layers it changes; PPO later
         holds that reward model as a separate frozen model."""
         from alignment.methods import method_for

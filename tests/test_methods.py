@@ -208,9 +208,13 @@ def test_bad_method_options_are_rejected_before_any_model_loads():
     assert problems({"method": "freeze"})[0].startswith("adapter: Value error, set exactly one of `train_top`")
     assert "unknown `method`" in problems({"method": "loha"})[0]
     assert problems({"method": "bottleneck", "placement": "middle"})[0].startswith("adapter.placement:")
-    assert problems({"method": "mam"}, "sft", "dpo") == [
-        "adapter.method: a 'dpo' stage does not support method 'mam' (it supports: sft, ewc, multitask); override "
-        "`adapter:` for this stage, e.g. `adapter: {method: lora}` (see `alignment methods`)"]
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"name": "x", "adapter": {"method": "mam"},
+                          "stages": [{"kind": "sft"}, {"kind": "adapter_fusion", "adapters": ["policy"]}]})
+    assert e.value.problems[-1] == (
+        "adapter.method: a 'adapter_fusion' stage does not support method 'mam' (it supports: sft, reward, dpo, kto, "
+        "orpo, ppo, grpo, rloo, ewc, multitask); override `adapter:` for this stage, e.g. `adapter: {method: lora}` "
+        "(see `alignment methods`)")
     with pytest.raises(ConfigError) as e:
         config_from_dict({"name": "x", "adapter": {"method": "full"},
                           "stages": [{"kind": "ewc", "data": "toy:task/sentiment", "objective": "dpo"}]})

@@ -1,10 +1,10 @@
 """Methods that train on a copy of the base of their own in the reward and online stages (alignment/methods.py
-``FrozenBasePolicy``), on the real toy model: bottleneck modules, IA3 and prompt learning (prefix, prompt, P-tuning)
-in PPO / GRPO / RLOO train only the method's parameters of the policy's own copy of the base, the reference is the
-SFT policy (KL 0 before the first update), the saved policy reloads to the same logits, a killed PPO resumes to an
-uninterrupted run's end; a bottleneck, IA3 or prompt-learning reward model trains on a copy of its own and PPO holds
-it as a separate frozen model. ``held`` keeps
-the policy the stage built (the real ``online_policy``) so its copy can be inspected after the stage."""
+``FrozenBasePolicy``), on the real toy model: bottleneck modules, IA3, prompt learning (prefix, prompt, P-tuning)
+and MAM in PPO / GRPO / RLOO train only the method's parameters of the policy's own copy of the base, the reference
+is the SFT policy (KL 0 before the first update), the saved policy reloads to the same logits, a killed PPO resumes
+to an uninterrupted run's end; a bottleneck, IA3, prompt-learning or MAM reward model trains on a copy of its own
+and PPO holds it as a separate frozen model (MAM in DPO / KTO / ORPO too). ``held`` keeps the policy the stage built
+(the real ``online_policy``) so its copy can be inspected after the stage."""
 
 from __future__ import annotations
 
@@ -198,27 +198,21 @@ def test_ppo_with_bottleneck_modules_killed_and_resumed_ends_where_an_uninterrup
 
 
 def test_validate_accepts_the_stages_the_matrix_names_and_refuses_the_rest():
-    """Bottleneck, IA3 and prompt learning (prefix with and without `projection`, prompt, P-tuning) in the reward
-    and online stages; MAM online is still refused with the one-line message."""
+    """Bottleneck, IA3, MAM and prompt learning (prefix with and without `projection`, prompt, P-tuning) in the
+    reward and online stages, MAM in DPO/KTO/ORPO too; AdapterFusion, which fuses LoRA adapters, still refuses the
+    others in one line (tests/test_methods.py)."""
     from alignment.config import config_from_dict
-    from alignment.errors import ConfigError
 
     def stages(kind):
         return [{"kind": "sft"}, {"kind": kind, "reward": "toy_gold"} if kind != "reward" else {"kind": "reward"}]
 
-    for kind in ("reward", "ppo", "grpo", "rloo"):
-        config_from_dict({"name": "x", "adapter": BOTTLENECK, "stages": stages(kind)})
-        config_from_dict({"name": "x", "adapter": {"method": "ia3"}, "stages": stages(kind)})
     prompt_learning = [{**PREFIX, "projection": False}, {**PREFIX, "projection": True}, {"method": "prompt"},
                        {"method": "ptuning"}]
     for kind in ("reward", "ppo", "grpo", "rloo"):
-        for adapter in prompt_learning:
+        for adapter in [BOTTLENECK, {"method": "ia3"}, {"method": "mam"}, *prompt_learning]:
             config_from_dict({"name": "x", "adapter": adapter, "stages": stages(kind)})
-    with pytest.raises(ConfigError) as e:
-        config_from_dict({"name": "x", "adapter": {"method": "mam"}, "stages": stages("ppo")})
-    assert e.value.problems == [
-        "adapter.method: a 'ppo' stage does not support method 'mam' (it supports: sft, ewc, multitask); override `adapter:` for this "
-        "stage, e.g. `adapter: {method: lora}` (see `alignment methods`)"]
+    for kind in ("dpo", "kto", "orpo"):
+        config_from_dict({"name": "x", "adapter": {"method": "mam"}, "stages": [{"kind": "sft"}, {"kind": kind}]})
 
 
 def test_ppo_with_ia3_on_a_copy_of_its_own(toy_dir, runs, held):
@@ -505,3 +499,205 @@ def test_reward_stage_with_virtual_tokens_scores_the_last_real_token(method, toy
         assert torch.equal(got, expected)
     else:
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+MAM = {"method": "mam", "num_virtual_tokens": 4, "size": 8}
+
+
+
+def mam_weights(run_dir, stage: dict, artifact: str = "policy") -> dict[str, torch.Tensor]:
+    """What a MAM folder holds: the prefixes peft saves and our parallel bottleneck modules."""
+    folder = run_dir / stage["artifacts"][artifact]
+    return {f"{f}:{n}": t for f in ("adapter_model.safetensors", BOTTLENECK_FILE)
+            for n, t in load_file(str(folder / f)).items()}
+
+
+
+def test_ppo_with_mam_on_a_copy_of_its_own(toy_dir, runs, held):
+    """SFT -> PPO with MAM (peft prefix tuning + our parallel bottleneck modules): the SFT artifact on a copy of the
+    base of its own (not checkpointed, as prefix tuning's), the HF engine's log-probs are the trainer's, KL 0 before
+    the first update, exactly the prefixes and the modules moved (the only trainable parameters of the copy), the
+    copy's base and the shared base are the toy's bit for bit, and the saved policy (the SFT format) reloads to the
+    trained policy's logits and `alignment generate` on the run samples greedily what the trained policy does."""
+    from alignment.methods import MamMethod, MamOptions
+
+    pipeline, summary, run_dir = run_pipeline(runs, MAM, SFT_STAGE, PPO, name="mam-ppo")
+    sft, stage = summary["stages"]
+    assert stage["engine"] == "hf" and stage["metrics"]["sync_logprob_diff_max"] < 1e-4
+    assert first_metrics(run_dir, "1-ppo")["kl"] == pytest.approx(0.0, abs=1e-6)
+    before, after = mam_weights(run_dir, sft), mam_weights(run_dir, stage)
+    assert set(before) == set(after) and changed_names(before, after) == set(before)
+    assert any(n.startswith(BOTTLENECK_FILE) for n in before) and any(n.startswith("adapter_") for n in before)
+    (policy,) = held
+    trained = policy.policy_model
+    trainable = {n for n, p in trained.named_parameters() if p.requires_grad}
+    modules = {n for n in trainable if "_adapter." in n}
+    assert trainable == {"prompt_encoder.policy.embedding.weight"} | modules
+    assert {n.removeprefix("base_model.") for n in modules} == \
+        {n.split(":")[1] for n in before if n.startswith(BOTTLENECK_FILE)}
+    assert_base_is_the_toys(policy.own.base, toy_dir)
+    assert_shared_base_is_the_toys(pipeline, toy_dir)
+    reloaded = SharedPolicy.load(str(toy_dir / "model"))
+    model = MamMethod(MamOptions(**MAM)).load(reloaded, "policy", run_dir / stage["artifacts"]["policy"])
+    batch = reloaded.tokenizer([p + a for p, a in zip(PROMPTS, ANSWERS)], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, trained.eval()(**batch).logits)
+    from alignment.evaluation import generate_greedy
+    from alignment.export import Generator
+
+    expected = [t.strip() for t, _ in generate_greedy(trained, reloaded.tokenizer, PROMPTS, 8)]
+    assert [t.strip() for t in Generator(str(run_dir))(PROMPTS, max_new_tokens=8)] == expected  # `alignment generate`
+
+
+
+def test_group_stage_with_mam_on_a_copy_of_its_own(toy_dir, runs, held):
+    """SFT -> GRPO with MAM: the prefixes and the modules moved, KL 0 before the first update, the copy's base and
+    the shared base stay the toy's."""
+    pipeline, summary, run_dir = run_pipeline(runs, MAM, SFT_STAGE, {"kind": "grpo", **GROUP}, name="mam-grpo")
+    sft, stage = summary["stages"]
+    assert stage["engine"] == "hf"
+    before, after = mam_weights(run_dir, sft), mam_weights(run_dir, stage)
+    assert set(before) == set(after) and changed_names(before, after) == set(before)
+    assert first_metrics(run_dir, "1-grpo")["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert_base_is_the_toys(held[0].own.base, toy_dir)
+    assert_shared_base_is_the_toys(pipeline, toy_dir)
+
+
+
+def test_reward_stage_with_mam_on_a_copy_of_its_own_then_ppo(toy_dir, runs, monkeypatch):
+    """SFT (LoRA) -> reward (MAM: prefixes + parallel modules on its own copy of the base, not checkpointed) -> PPO
+    with that reward model: every prefix vector and every module's up projection moved, the copy's base is
+    the toy's bit for bit, the saved folder holds the prefix adapter (stock peft), the modules and the head (no model
+    weights), and it scores as the trained model did, through its prefixes (loaded alone and beside the pipeline's
+    policy); one PPO iteration runs with it as a separate frozen model; the shared base stays the toy's."""
+    from reward_models import TrainedRewardModel
+    from reward_models.trained import sequence_rewards
+
+    trained = []
+    real = reward_models.trained.save_base_reward_model
+
+    def keep(policy, head, folder, stats, options):
+        trained.append((policy, head))
+        return real(policy, head, folder, stats, options)
+
+    monkeypatch.setattr(reward_models.trained, "save_base_reward_model", keep)
+    from stages.reward import RewardStage
+
+    start, real_scorer = [], RewardStage._scorer
+
+    def scorer_kept(self, ctx):  # the prefixes as the stage starts (peft's random initialisation)
+        scorer, adapter = real_scorer(self, ctx)
+        start.append(scorer.model.prompt_encoder["reward"].embedding.weight.detach().clone())
+        return scorer, adapter
+
+    monkeypatch.setattr(RewardStage, "_scorer", scorer_kept)
+    ppo = {**PPO, "reward": "trained", "iterations": 1, "reward_normalization": "fixed", "rollout": {"engine": "hf"}}
+    reward = {**REWARD, "adapter": MAM, "gradient_checkpointing": True}
+    pipeline, summary, run_dir = run_pipeline(runs, {"method": "lora", "r": 4}, SFT_STAGE, reward, ppo,
+                                              name="mam-reward")
+    assert [s["status"] for s in summary["stages"]] == ["done"] * 3
+    folder = run_dir / summary["stages"][1]["artifacts"]["reward_model"]
+    modules = load_file(str(folder / BOTTLENECK_FILE))
+    assert modules and all("_adapter." in n for n in modules) and not (folder / "model.safetensors").exists()
+    assert all(t.abs().max() > 0 for n, t in modules.items() if ".up." in n)
+    assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
+    (scorer, head), = trained
+    prefixes = load_file(str(folder / "adapter_model.safetensors"))
+    assert list(prefixes) == ["prompt_embeddings"]
+    assert torch.equal(prefixes["prompt_embeddings"], scorer.model.prompt_encoder["reward"].embedding.weight)
+    assert (prefixes["prompt_embeddings"] != start[0]).any(dim=1).all()  # every prefix vector moved
+    assert_base_is_the_toys(scorer.base, toy_dir)
+    texts = [p + a for p, a in zip(PROMPTS, ANSWERS)]
+    with torch.no_grad():
+        expected = sequence_rewards(scorer, None, head, texts, 512)
+        with scorer.model.disable_adapter():  # the same modules without the prefixes score otherwise
+            without = sequence_rewards(scorer, None, head, texts, 512)
+    assert not torch.equal(expected, without)
+    standalone = TrainedRewardModel.load(folder).score(PROMPTS, ANSWERS)
+    on_policy = TrainedRewardModel.load(folder, policy=pipeline.policy()).score(PROMPTS, ANSWERS)
+    assert torch.equal(standalone, expected) and torch.equal(on_policy, expected)
+    assert first_metrics(run_dir, "2-ppo")["step"] == 1
+    assert_shared_base_is_the_toys(pipeline, toy_dir)
+
+
+
+def test_prefixed_reference_gives_trl_s_fused_head_the_log_probs_through_the_prefixes(toy_dir):
+    """MAM's DPO/KTO reference is a peft prefix model TRL did not wrap: TRL's fused log-prob head (patched onto it as
+    TRL does) reads the body through ``PrefixedReference``, so its per-token log-probs are the MAM model's own
+    (log-softmax of its logits, prefixes and modules applied), not those of the body without the prefixes."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from alignment.methods import MamMethod, MamOptions
+    from alignment.policy import PrefixedReference
+
+    policy = SharedPolicy.load(str(toy_dir / "model"))
+    model = MamMethod(MamOptions(**MAM)).prepare(policy, "policy")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "_adapter.up" in name:
+                param.add_(0.05)  # the modules start at zero: make them count
+    model.eval().requires_grad_(False)
+    batch = policy.tokenizer([p + a for p, a in zip(PROMPTS, ANSWERS)], return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        logits = model(**batch).logits[:, :-1].float()
+        want = torch.log_softmax(logits, -1).gather(-1, labels[:, 1:].clamp(min=0)[:, :, None]).squeeze(-1)
+        want = want.masked_fill(labels[:, 1:] == -100, 0)
+        reference = PrefixedReference(model)
+        add_fused_lm_head(reference)
+        got = reference(**batch, labels=labels, fused_lm_head=True).log_probs
+        with model.disable_adapter():  # the modules without the prefixes
+            without = reference(**batch, labels=labels, fused_lm_head=True).log_probs
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert (got - without).abs().max() > 1e-3
+
+
+
+@pytest.mark.parametrize("kind", ["dpo", "kto", "orpo"])
+def test_offline_preference_stage_with_mam(kind, toy_dir, runs):
+    """SFT -> DPO/KTO/ORPO with MAM: the SFT artifact on a copy of the base of its own, every prefix and module
+    tensor moved from its SFT value, the reference (a separate frozen copy with the SFT prefixes and modules, read by
+    TRL through ``PrefixedReference``; ORPO has none) is the SFT policy bit for bit, the shared base stays the toy's."""
+    offline = {"max_steps": 2, "batch_size": 4, "max_samples": 32, "eval_fraction": 0.0, "lr_scheduler": "constant",
+               "warmup_ratio": 0.0, "learning_rate": 1.0e-3}
+    pipeline, summary, run_dir = run_pipeline(runs, MAM, SFT_STAGE, {"kind": kind, **offline}, name=f"mam-{kind}")
+    sft, stage = summary["stages"]
+    assert stage["status"] == "done"
+    before, after = mam_weights(run_dir, sft), mam_weights(run_dir, stage)
+    assert set(before) == set(after) and changed_names(before, after) == set(before)
+    assert any(n.startswith("adapter_model") for n in before) and any(n.startswith(BOTTLENECK_FILE) for n in before)
+    if kind != "orpo":
+        assert stage["metrics"]["reference_max_abs_diff"] == 0.0
+    assert_shared_base_is_the_toys(pipeline, toy_dir)
+
+
+
+def test_ppo_with_mam_killed_and_resumed_ends_where_an_uninterrupted_run_does(tmp_path, toy_dir):
+    """A MAM policy on its own copy of the base is checkpointed as its trainable tensors (the prefixes and the
+    modules): kill -9 inside PPO, rerun, and every iteration's numbers and the final saved policy (prefix adapter and
+    modules) equal an uninterrupted run's."""
+    import signal
+
+    import yaml
+
+    from tests.forked import run_forked
+    from tests.test_resume import cli, logged
+
+    raw = {"name": "mam", "model": str(toy_dir / "model"), "output_dir": str(tmp_path / "runs"), "adapter": MAM,
+           "stages": [{**SFT_STAGE}, {**PPO, "iterations": 3}]}
+    config = tmp_path / "mam.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    rc, err = run_forked(["run", str(config), "name=reference"], tmp_path / "stderr-reference.txt")
+    assert rc == 0, err[-3000:]
+    rc, err = cli(tmp_path, config, kill_at="1-ppo:step:2")
+    assert rc == -signal.SIGKILL, err[-3000:]
+    rc, err = cli(tmp_path, config)
+    assert rc == 0, err[-3000:]
+    assert "resuming 1-ppo from iter-00001" in err
+    run, ref = tmp_path / "runs" / "mam", tmp_path / "runs" / "reference"
+    lines = logged(run / "1-ppo")
+    assert [x["step"] for x in lines] == [1, 2, 3] and lines == logged(ref / "1-ppo")
+    for file in ("adapter_model.safetensors", BOTTLENECK_FILE):
+        got, want = (load_file(str(r / "1-ppo" / "adapters" / "policy" / file)) for r in (run, ref))
+        assert set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want)
+
