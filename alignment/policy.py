@@ -302,13 +302,11 @@ class SharedPolicy:
                 self.activate(previous)
 
     def backbone(self):
-        """The transformer body (no LM head) with the active adapter applied: hidden states for score heads. With a
-        prefix adapter active (MAM's reward model) the body is run through peft's forward (``_through_prefixes``)."""
+        """The transformer body (no LM head) with the active adapter applied: hidden states for score heads. Called
+        directly it bypasses what peft's own forward adds for prompt learning (virtual tokens, prefixes): reward
+        models of those methods read their hidden states through that forward (``reward_models.trained``)."""
         causal = self.model.get_base_model() if self.model is not self.base else self.base
-        inner = getattr(causal, causal.base_model_prefix)
-        if self.model is not self.base and self.model.active_peft_config.peft_type == "PREFIX_TUNING":
-            return _through_prefixes(self.model, inner)
-        return inner
+        return getattr(causal, causal.base_model_prefix)
 
     def checkpointing(self, on: bool = True):
         """Gradient checkpointing on the shared base inside the block (see ``gradient_checkpointing``)."""
