@@ -168,35 +168,6 @@ def test_reward_stage_with_bottleneck_modules_then_ppo(toy_dir, runs, monkeypatc
     assert_shared_base_is_the_toys(pipeline, toy_dir)
 
 
-def test_ppo_with_bottleneck_modules_killed_and_resumed_ends_where_an_uninterrupted_run_does(tmp_path, toy_dir):
-    """A policy on its own copy of the base is checkpointed as its trainable tensors (with the value adapter, head,
-    optimisers and RNGs): kill -9 inside PPO, rerun, and every iteration's numbers and the final modules equal an
-    uninterrupted run's."""
-    import signal
-
-    import yaml
-
-    from tests.forked import run_forked
-    from tests.test_resume import cli, logged
-
-    raw = {"name": "bottleneck", "model": str(toy_dir / "model"), "output_dir": str(tmp_path / "runs"),
-           "adapter": BOTTLENECK, "stages": [{**SFT_STAGE}, {**PPO, "iterations": 3}]}
-    config = tmp_path / "bottleneck.yaml"
-    config.write_text(yaml.safe_dump(raw, sort_keys=False))
-    rc, err = run_forked(["run", str(config), "name=reference"], tmp_path / "stderr-reference.txt")
-    assert rc == 0, err[-3000:]
-    rc, err = cli(tmp_path, config, kill_at="1-ppo:step:2")
-    assert rc == -signal.SIGKILL, err[-3000:]
-    rc, err = cli(tmp_path, config)
-    assert rc == 0, err[-3000:]
-    assert "resuming 1-ppo from iter-00001" in err
-    run, ref = tmp_path / "runs" / "bottleneck", tmp_path / "runs" / "reference"
-    lines = logged(run / "1-ppo")
-    assert [x["step"] for x in lines] == [1, 2, 3] and lines == logged(ref / "1-ppo")
-    got, want = (load_file(str(r / "1-ppo" / "adapters" / "policy" / BOTTLENECK_FILE)) for r in (run, ref))
-    assert set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want)
-
-
 def test_validate_accepts_the_stages_the_matrix_names_and_refuses_the_rest():
     """Bottleneck, IA3, MAM and prompt learning (prefix with and without `projection`, prompt, P-tuning) in the
     reward and online stages, MAM in DPO/KTO/ORPO too; AdapterFusion, which fuses LoRA adapters, still refuses the
@@ -374,37 +345,6 @@ def test_reward_stage_with_ia3_on_a_copy_of_its_own_then_ppo(toy_dir, runs, monk
     assert torch.equal(standalone, expected) and torch.equal(on_policy, expected)
     assert first_metrics(run_dir, "2-ppo")["step"] == 1
     assert_shared_base_is_the_toys(pipeline, toy_dir)
-
-
-def test_ppo_with_ptuning_killed_and_resumed_ends_where_an_uninterrupted_run_does(tmp_path, toy_dir):
-    """A P-tuning policy on its own copy of the base is checkpointed as its trainable tensors (the prompt encoder,
-    which peft's own save leaves out): kill -9 inside PPO, rerun, and every iteration's numbers and the final saved
-    policy (virtual tokens and encoder) equal an uninterrupted run's."""
-    import signal
-
-    import yaml
-
-    from tests.forked import run_forked
-    from tests.test_resume import cli, logged
-
-    raw = {"name": "ptuning", "model": str(toy_dir / "model"), "output_dir": str(tmp_path / "runs"),
-           "adapter": {"method": "ptuning", "num_virtual_tokens": 4},
-           "stages": [{**SFT_STAGE}, {**PPO, "iterations": 3}]}
-    config = tmp_path / "ptuning.yaml"
-    config.write_text(yaml.safe_dump(raw, sort_keys=False))
-    rc, err = run_forked(["run", str(config), "name=reference"], tmp_path / "stderr-reference.txt")
-    assert rc == 0, err[-3000:]
-    rc, err = cli(tmp_path, config, kill_at="1-ppo:step:2")
-    assert rc == -signal.SIGKILL, err[-3000:]
-    rc, err = cli(tmp_path, config)
-    assert rc == 0, err[-3000:]
-    assert "resuming 1-ppo from iter-00001" in err
-    run, ref = tmp_path / "runs" / "ptuning", tmp_path / "runs" / "reference"
-    lines = logged(run / "1-ppo")
-    assert [x["step"] for x in lines] == [1, 2, 3] and lines == logged(ref / "1-ppo")
-    for file in PROMPT_LEARNING_FILES:
-        got, want = (load_file(str(r / "1-ppo" / "adapters" / "policy" / file)) for r in (run, ref))
-        assert set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want)
 
 
 def keep_reward_training(monkeypatch):
@@ -671,11 +611,11 @@ def test_offline_preference_stage_with_mam(kind, toy_dir, runs):
     assert_shared_base_is_the_toys(pipeline, toy_dir)
 
 
-
-def test_ppo_with_mam_killed_and_resumed_ends_where_an_uninterrupted_run_does(tmp_path, toy_dir):
-    """A MAM policy on its own copy of the base is checkpointed as its trainable tensors (the prefixes and the
-    modules): kill -9 inside PPO, rerun, and every iteration's numbers and the final saved policy (prefix adapter and
-    modules) equal an uninterrupted run's."""
+@pytest.mark.parametrize("name", ["bottleneck", "ptuning", "mam"])
+def test_ppo_on_a_copy_of_its_own_killed_and_resumed_ends_where_an_uninterrupted_run_does(name, tmp_path, toy_dir):
+    """A policy on its own copy of the base is checkpointed as its trainable tensors (with the value adapter, head,
+    optimisers and RNGs; P-tuning's prompt encoder, which peft's own save leaves out; MAM's prefixes and modules):
+    kill -9 inside PPO, rerun, and every iteration's numbers and the final saved policy equal an uninterrupted run's."""
     import signal
 
     import yaml
@@ -683,9 +623,14 @@ def test_ppo_with_mam_killed_and_resumed_ends_where_an_uninterrupted_run_does(tm
     from tests.forked import run_forked
     from tests.test_resume import cli, logged
 
-    raw = {"name": "mam", "model": str(toy_dir / "model"), "output_dir": str(tmp_path / "runs"), "adapter": MAM,
+    adapter, files = {
+        "bottleneck": (BOTTLENECK, (BOTTLENECK_FILE,)),
+        "ptuning": ({"method": "ptuning", "num_virtual_tokens": 4}, PROMPT_LEARNING_FILES),
+        "mam": (MAM, ("adapter_model.safetensors", BOTTLENECK_FILE)),
+    }[name]
+    raw = {"name": name, "model": str(toy_dir / "model"), "output_dir": str(tmp_path / "runs"), "adapter": adapter,
            "stages": [{**SFT_STAGE}, {**PPO, "iterations": 3}]}
-    config = tmp_path / "mam.yaml"
+    config = tmp_path / f"{name}.yaml"
     config.write_text(yaml.safe_dump(raw, sort_keys=False))
     rc, err = run_forked(["run", str(config), "name=reference"], tmp_path / "stderr-reference.txt")
     assert rc == 0, err[-3000:]
@@ -694,10 +639,9 @@ def test_ppo_with_mam_killed_and_resumed_ends_where_an_uninterrupted_run_does(tm
     rc, err = cli(tmp_path, config)
     assert rc == 0, err[-3000:]
     assert "resuming 1-ppo from iter-00001" in err
-    run, ref = tmp_path / "runs" / "mam", tmp_path / "runs" / "reference"
+    run, ref = tmp_path / "runs" / name, tmp_path / "runs" / "reference"
     lines = logged(run / "1-ppo")
     assert [x["step"] for x in lines] == [1, 2, 3] and lines == logged(ref / "1-ppo")
-    for file in ("adapter_model.safetensors", BOTTLENECK_FILE):
+    for file in files:
         got, want = (load_file(str(r / "1-ppo" / "adapters" / "policy" / file)) for r in (run, ref))
         assert set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want)
-
