@@ -242,8 +242,8 @@ class Method:
     rollout: ClassVar[str]
     stages: ClassVar[tuple[str, ...]]
     changes_base: ClassVar[bool] = False  # the trained policy is not an adapter on the shared, unchanged base
-    own_copy_online: ClassVar[bool] = False  # online stages train it on a copy of the base of its own (``online_copy``)
-    own_copy_reward: ClassVar[bool] = False  # the reward stage trains it on a copy of the base of its own
+    own_copy: ClassVar[bool] = False  # the reward and online stages train it on a copy of the base of its own
+    # (``online_copy``): it changes the base, or peft cannot hold it beside the LoRA reward/value adapters
     checkpoint_online: ClassVar[bool] = True  # gradient checkpointing of that copy (not for prefix tuning)
     note: ClassVar[str] = ""
 
@@ -269,7 +269,7 @@ class Method:
         """After a stage: give the shared base back as it was loaded (base-weight and module methods)."""
 
     def online_copy(self, shared: SharedPolicy, folder: Path) -> SharedPolicy:
-        """Online stages, for a method with ``own_copy_online``: the saved policy at ``folder`` on a copy of the base
+        """Online stages, for a method with ``own_copy``: the saved policy at ``folder`` on a copy of the base
         of its own, trainable by this method (``FrozenBasePolicy``); its ``model`` is what trains."""
         raise NotImplementedError
 
@@ -351,8 +351,7 @@ class IA3Method(PeftMethod):
     rollout = "merged"
     stages = tuple(s for s in ALL_STAGES if s in (*OTHER_PEFT_STAGES, "reward", "ppo", "grpo", "rloo"))  # reward
     # and online: on a copy of the base of its own (see below; the reward folder: stages/reward.py)
-    own_copy_online = True  # peft holds one adapter type per model: not beside the LoRA value/reward adapters
-    own_copy_reward = True  # nor beside the LoRA policy in PPO: PPO holds it as a separate frozen model
+    own_copy = True  # peft holds one adapter type per model: not beside the LoRA value/reward adapters or policy
     note = "IA3 scalings merge into the base weights; vLLM serves no IA3 adapters"
 
     def online_copy(self, shared, folder):
@@ -378,11 +377,10 @@ class PromptLearningMethod(PeftMethod):
     # ``real_token_trainer``); our own losses and evaluator drop them with policy.real_token_logits.
     # Online (PPO/GRPO/RLOO): on a copy of the base of its own, as IA3 (peft holds one adapter type per model, so not
     # beside the LoRA value/reward adapters); token_logprobs drops the virtual tokens' positions (real_token_logits).
-    # Reward: on a copy of the base of its own too (own_copy_reward, as IA3); sequence_rewards reads the hidden state
+    # Reward: on a copy of the base of its own too (own_copy, as IA3); sequence_rewards reads the hidden state
     # of the last real token through peft's forward (the virtual tokens come first; the bare backbone skips them).
     stages = ("sft",)
-    own_copy_online = True
-    own_copy_reward = True
+    own_copy = True
     note = "prompt-learning adapters cannot be merged or served by vLLM"
 
     def trainer_args(self):
@@ -446,8 +444,7 @@ class BaseWeightMethod(Method):
     rollout = "merged"
     stages = BASE_WEIGHT_STAGES
     changes_base = True
-    own_copy_online = True
-    own_copy_reward = True
+    own_copy = True
 
     def selected(self, model) -> list[str]:
         """Names of the base parameters this method trains."""
@@ -667,8 +664,7 @@ class BottleneckMethod(Method):
     rollout = "hf"
     stages = MODULE_STAGES
     changes_base = True
-    own_copy_online = True
-    own_copy_reward = True
+    own_copy = True
     note = "our own modules: neither peft nor vLLM know them"
 
     def insert(self, policy) -> list[str]:
@@ -720,8 +716,7 @@ class MamMethod(BottleneckMethod):
     # gradient checkpointing, as prefix tuning's (a checkpointed layer drops the prefixes' key/value cache).
     family = "modules"
     stages = MODULE_STAGES
-    own_copy_online = True
-    own_copy_reward = True
+    own_copy = True
     checkpoint_online = False
     note = "prefix tuning (peft) + our parallel bottleneck: HF engine only"
 
@@ -923,14 +918,10 @@ def online_policy(ctx):
     (said on the console with its memory cost)."""
     method = method_for(ctx.adapter)
     policy = ctx.policy
-    if not method.changes_base and not method.own_copy_online:
+    if not method.own_copy:
         policy.load_adapter("policy", ctx.artifact("policy"), trainable=True)
         policy.freeze_copy("policy", "reference")
         return policy
-    if not method.own_copy_online:
-        from alignment.errors import UserError
-
-        raise UserError(f"stages.{ctx.index}.adapter.method: {method.name!r} is not supported by online stages")
     from alignment.metrics import console
 
     what = {"base": "trains base weights", "modules": "hooks its modules into the base's layers",
@@ -1009,14 +1000,13 @@ def catalogue(model_path: str, configured: MethodOptions | None = None) -> list[
             trainable, total, size, (rollout, why) = count_trainable(model_path, options)
         finally:
             log.level = level
-        if method.changes_base and method.own_copy_online:  # base-weight methods, bottleneck, MAM
+        if method.changes_base:  # base-weight methods, bottleneck, MAM
             memory = f"after SFT: a trained copy + a frozen reference copy, +{2 * size / 2**20:.1f} MiB"
         elif name == "qlora":
             memory = "shared base in 4-bit"
-        elif method.own_copy_online:
+        elif method.own_copy:  # IA3, prompt learning
             copies = f"a trained copy + a frozen reference copy, +{2 * size / 2**20:.1f} MiB"
-            reward = f"reward: a copy of its own, +{size / 2**20:.1f} MiB; " if method.own_copy_reward else ""
-            memory = f"shared base; {reward}PPO/GRPO/RLOO: {copies}"
+            memory = f"shared base; reward: a copy of its own, +{size / 2**20:.1f} MiB; PPO/GRPO/RLOO: {copies}"
         else:
             memory = "shared base"
         rows.append({

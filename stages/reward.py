@@ -204,7 +204,7 @@ class RewardStage:
         from stages.dpo import fresh_policy
 
         method, policy = method_for(ctx.adapter), ctx.policy
-        if not method.own_copy_reward:
+        if not method.own_copy:
             policy.add_adapter(self.config.adapter_name, ctx.adapter)
             return policy, self.config.adapter_name
         from alignment.methods import memory_note

@@ -38,6 +38,8 @@ GROUP = {"reward": "toy_gold", "iterations": 2, "batch_size": 2, "group_size": 2
          "ppo_epochs": 1, "max_new_tokens": 8, "learning_rate": 1.0e-3, "gold_eval_every": 100,
          "checkpoint_every": 1}
 REWARD = {"kind": "reward", "max_steps": 2, "batch_size": 4, "max_samples": 32, "learning_rate": 1.0e-3}
+PPO_ON_REWARD = {**PPO, "reward": "trained", "iterations": 1, "reward_normalization": "fixed",  # the trained model
+                 "rollout": {"engine": "hf"}}
 
 
 @pytest.fixture(scope="module")
@@ -142,23 +144,15 @@ def test_reward_stage_with_bottleneck_modules_then_ppo(toy_dir, runs, monkeypatc
     from reward_models import TrainedRewardModel
     from reward_models.trained import sequence_rewards
 
-    trained = []
-    real = reward_models.trained.save_base_reward_model
-
-    def keep(policy, head, folder, stats, options):
-        trained.append((policy, head))
-        return real(policy, head, folder, stats, options)
-
-    monkeypatch.setattr(reward_models.trained, "save_base_reward_model", keep)
-    ppo = {**PPO, "reward": "trained", "iterations": 1, "reward_normalization": "fixed", "rollout": {"engine": "hf"}}
+    trained = keep_reward_training(monkeypatch)
     pipeline, summary, run_dir = run_pipeline(runs, {"method": "lora", "r": 4}, SFT_STAGE,
-                                              {**REWARD, "adapter": BOTTLENECK}, ppo, name="b-reward")
+                                              {**REWARD, "adapter": BOTTLENECK}, PPO_ON_REWARD, name="b-reward")
     assert [s["status"] for s in summary["stages"]] == ["done"] * 3
     folder = run_dir / summary["stages"][1]["artifacts"]["reward_model"]
     saved = load_file(str(folder / BOTTLENECK_FILE))
     assert saved and all("_adapter." in n for n in saved) and not (folder / "model.safetensors").exists()
     assert all(t.abs().max() > 0 for n, t in saved.items() if ".up." in n)
-    (scorer, head), = trained
+    (scorer, head, _), = trained
     assert_base_is_the_toys(scorer.base, toy_dir)
     with torch.no_grad():
         expected = sequence_rewards(scorer, None, head, [p + a for p, a in zip(PROMPTS, ANSWERS)], 512)
@@ -317,24 +311,17 @@ def test_reward_stage_with_ia3_on_a_copy_of_its_own_then_ppo(toy_dir, runs, monk
     from reward_models import TrainedRewardModel
     from reward_models.trained import PEFT_FOLDER, sequence_rewards
 
-    trained = []
-    real = reward_models.trained.save_base_reward_model
-
-    def keep(policy, head, folder, stats, options):
-        trained.append((policy, head))
-        return real(policy, head, folder, stats, options)
-
-    monkeypatch.setattr(reward_models.trained, "save_base_reward_model", keep)
-    ppo = {**PPO, "reward": "trained", "iterations": 1, "reward_normalization": "fixed", "rollout": {"engine": "hf"}}
+    trained = keep_reward_training(monkeypatch)
     pipeline, summary, run_dir = run_pipeline(runs, {"method": "lora", "r": 4}, SFT_STAGE,
-                                              {**REWARD, "adapter": {"method": "ia3"}}, ppo, name="ia3-reward")
+                                              {**REWARD, "adapter": {"method": "ia3"}}, PPO_ON_REWARD,
+                                              name="ia3-reward")
     assert [s["status"] for s in summary["stages"]] == ["done"] * 3
     folder = run_dir / summary["stages"][1]["artifacts"]["reward_model"]
     saved = load_file(str(folder / PEFT_FOLDER / "adapter_model.safetensors"))
     assert saved and all("ia3_" in n for n in saved) and not list(folder.glob("*.safetensors"))
     assert json.loads((folder / PEFT_FOLDER / "adapter_config.json").read_text())["peft_type"] == "IA3"
     assert all(not torch.equal(t, torch.ones_like(t)) for t in saved.values())
-    (scorer, head), = trained
+    (scorer, head, _), = trained
     base = {n.replace("base_model.model.", "").replace(".base_layer", ""): t
             for n, t in scorer.model.state_dict().items() if "ia3_" not in n}
     assert all(torch.equal(base[n], t) for n, t in toy_weights(toy_dir).items())
@@ -379,9 +366,8 @@ def test_reward_stage_with_prefix_tuning_on_a_copy_of_its_own_then_ppo(toy_dir, 
     from reward_models.trained import PEFT_FOLDER, sequence_rewards
 
     trained = keep_reward_training(monkeypatch)
-    ppo = {**PPO, "reward": "trained", "iterations": 1, "reward_normalization": "fixed", "rollout": {"engine": "hf"}}
     pipeline, summary, run_dir = run_pipeline(runs, {"method": "lora", "r": 4}, SFT_STAGE,
-                                              {**REWARD, "adapter": PREFIX}, ppo, name="prefix-reward")
+                                              {**REWARD, "adapter": PREFIX}, PPO_ON_REWARD, name="prefix-reward")
     assert [s["status"] for s in summary["stages"]] == ["done"] * 3
     folder = run_dir / summary["stages"][1]["artifacts"]["reward_model"]
     assert json.loads((folder / PEFT_FOLDER / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
@@ -513,27 +499,9 @@ def test_reward_stage_with_mam_on_a_copy_of_its_own_then_ppo(toy_dir, runs, monk
     from reward_models import TrainedRewardModel
     from reward_models.trained import sequence_rewards
 
-    trained = []
-    real = reward_models.trained.save_base_reward_model
-
-    def keep(policy, head, folder, stats, options):
-        trained.append((policy, head))
-        return real(policy, head, folder, stats, options)
-
-    monkeypatch.setattr(reward_models.trained, "save_base_reward_model", keep)
-    from stages.reward import RewardStage
-
-    start, real_scorer = [], RewardStage._scorer
-
-    def scorer_kept(self, ctx):  # the prefixes as the stage starts (peft's random initialisation)
-        scorer, adapter = real_scorer(self, ctx)
-        start.append(scorer.model.prompt_encoder["reward"].embedding.weight.detach().clone())
-        return scorer, adapter
-
-    monkeypatch.setattr(RewardStage, "_scorer", scorer_kept)
-    ppo = {**PPO, "reward": "trained", "iterations": 1, "reward_normalization": "fixed", "rollout": {"engine": "hf"}}
+    trained = keep_reward_training(monkeypatch)
     reward = {**REWARD, "adapter": MAM, "gradient_checkpointing": True}
-    pipeline, summary, run_dir = run_pipeline(runs, {"method": "lora", "r": 4}, SFT_STAGE, reward, ppo,
+    pipeline, summary, run_dir = run_pipeline(runs, {"method": "lora", "r": 4}, SFT_STAGE, reward, PPO_ON_REWARD,
                                               name="mam-reward")
     assert [s["status"] for s in summary["stages"]] == ["done"] * 3
     folder = run_dir / summary["stages"][1]["artifacts"]["reward_model"]
@@ -541,11 +509,12 @@ def test_reward_stage_with_mam_on_a_copy_of_its_own_then_ppo(toy_dir, runs, monk
     assert modules and all("_adapter." in n for n in modules) and not (folder / "model.safetensors").exists()
     assert all(t.abs().max() > 0 for n, t in modules.items() if ".up." in n)
     assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
-    (scorer, head), = trained
+    (scorer, head, start), = trained
     prefixes = load_file(str(folder / "adapter_model.safetensors"))
     assert list(prefixes) == ["prompt_embeddings"]
     assert torch.equal(prefixes["prompt_embeddings"], scorer.model.prompt_encoder["reward"].embedding.weight)
-    assert (prefixes["prompt_embeddings"] != start[0]).any(dim=1).all()  # every prefix vector moved
+    initial = start["prompt_encoder.reward.embedding.weight"]  # peft's random initialisation
+    assert (prefixes["prompt_embeddings"] != initial).any(dim=1).all()  # every prefix vector moved
     assert_base_is_the_toys(scorer.base, toy_dir)
     texts = [p + a for p, a in zip(PROMPTS, ANSWERS)]
     with torch.no_grad():
@@ -616,12 +585,7 @@ def test_ppo_on_a_copy_of_its_own_killed_and_resumed_ends_where_an_uninterrupted
     """A policy on its own copy of the base is checkpointed as its trainable tensors (with the value adapter, head,
     optimisers and RNGs; P-tuning's prompt encoder, which peft's own save leaves out; MAM's prefixes and modules):
     kill -9 inside PPO, rerun, and every iteration's numbers and the final saved policy equal an uninterrupted run's."""
-    import signal
-
-    import yaml
-
-    from tests.forked import run_forked
-    from tests.test_resume import cli, logged
+    from tests.test_resume import killed_and_resumed, logged
 
     adapter, files = {
         "bottleneck": (BOTTLENECK, (BOTTLENECK_FILE,)),
@@ -630,16 +594,7 @@ def test_ppo_on_a_copy_of_its_own_killed_and_resumed_ends_where_an_uninterrupted
     }[name]
     raw = {"name": name, "model": str(toy_dir / "model"), "output_dir": str(tmp_path / "runs"), "adapter": adapter,
            "stages": [{**SFT_STAGE}, {**PPO, "iterations": 3}]}
-    config = tmp_path / f"{name}.yaml"
-    config.write_text(yaml.safe_dump(raw, sort_keys=False))
-    rc, err = run_forked(["run", str(config), "name=reference"], tmp_path / "stderr-reference.txt")
-    assert rc == 0, err[-3000:]
-    rc, err = cli(tmp_path, config, kill_at="1-ppo:step:2")
-    assert rc == -signal.SIGKILL, err[-3000:]
-    rc, err = cli(tmp_path, config)
-    assert rc == 0, err[-3000:]
-    assert "resuming 1-ppo from iter-00001" in err
-    run, ref = tmp_path / "runs" / name, tmp_path / "runs" / "reference"
+    run, ref, _ = killed_and_resumed(tmp_path, raw, "1-ppo:step:2", "1-ppo from iter-00001")
     lines = logged(run / "1-ppo")
     assert [x["step"] for x in lines] == [1, 2, 3] and lines == logged(ref / "1-ppo")
     for file in files:

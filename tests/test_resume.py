@@ -53,6 +53,22 @@ def cli(tmp: Path, config: Path, kill_at: str | None = None, sig: str = "KILL") 
     return run_forked(["run", str(config)], log, env)
 
 
+def killed_and_resumed(tmp: Path, raw: dict, kill_at: str, resumes_from: str) -> tuple[Path, Path, str]:
+    """``raw`` run once uninterrupted (as `reference`), then killed with kill -9 at ``kill_at`` and rerun; asserts
+    the rerun resumed from ``resumes_from`` (e.g. `1-ppo from iter-00001`). Returns (run folder, reference folder,
+    the rerun's stderr)."""
+    config = tmp / f"{raw['name']}.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    rc, err = run_forked(["run", str(config), "name=reference"], tmp / "stderr-reference.txt")
+    assert rc == 0, err[-3000:]
+    rc, err = cli(tmp, config, kill_at=kill_at)
+    assert rc == -signal.SIGKILL, err[-3000:]
+    rc, err = cli(tmp, config)
+    assert rc == 0, err[-3000:]
+    assert f"resuming {resumes_from}" in err
+    return tmp / "runs" / raw["name"], tmp / "runs" / "reference", err
+
+
 def without_timing(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not k.startswith(TIMING)}
 
@@ -240,16 +256,8 @@ def test_vllm_ppo_killed_and_resumed_samples_the_same_rollouts(tmp_path, toy_dir
              "batch_size": 4, "minibatch_size": 2, "max_new_tokens": 8, "checkpoint_every": 1},
         ],
     }
-    config = tmp_path / "vllm.yaml"
-    config.write_text(yaml.safe_dump(raw, sort_keys=False))
-    rc, err = run_forked(["run", str(config), "name=reference"], tmp_path / "stderr-reference.txt")
-    assert rc == 0, err[-3000:]
-    rc, err = cli(tmp_path, config, kill_at="1-ppo:step:2")
-    assert rc == -signal.SIGKILL, err[-3000:]
-    rc, err = cli(tmp_path, config)
-    assert rc == 0, err[-3000:]
-    assert "rollout engine: vllm" in err and "resuming 1-ppo from iter-00001" in err
-    run, ref = tmp_path / "runs" / "vllm", tmp_path / "runs" / "reference"
+    run, ref, err = killed_and_resumed(tmp_path, raw, "1-ppo:step:2", "1-ppo from iter-00001")
+    assert "rollout engine: vllm" in err
     got, want = (json.loads((r / "summary.json").read_text()) for r in (run, ref))
     assert [s["status"] for s in got["stages"]] == ["skipped", "done"]
     assert without_timing(got["stages"][1]["metrics"]) == without_timing(want["stages"][1]["metrics"])
@@ -272,16 +280,7 @@ def test_adapter_fusion_killed_mid_stage_resumes_to_the_same_fusion(tmp_path, to
              "batch_size": 8, "checkpoint_every": 2},
         ],
     }
-    config = tmp_path / "fusion.yaml"
-    config.write_text(yaml.safe_dump(raw, sort_keys=False))
-    rc, err = run_forked(["run", str(config), "name=reference"], tmp_path / "stderr-reference.txt")
-    assert rc == 0, err[-3000:]
-    rc, err = cli(tmp_path, config, kill_at="2-adapter_fusion:step:3")
-    assert rc == -signal.SIGKILL, err[-3000:]
-    rc, err = cli(tmp_path, config)
-    assert rc == 0, err[-3000:]
-    assert "resuming 2-adapter_fusion from iter-00002" in err
-    run, ref = tmp_path / "runs" / "fusion", tmp_path / "runs" / "reference"
+    run, ref, _ = killed_and_resumed(tmp_path, raw, "2-adapter_fusion:step:3", "2-adapter_fusion from iter-00002")
     got, want = (json.loads((r / "summary.json").read_text()) for r in (run, ref))
     assert [s["status"] for s in got["stages"]] == ["skipped", "skipped", "done"]
     g, w = got["stages"][2], want["stages"][2]
