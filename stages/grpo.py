@@ -109,7 +109,7 @@ class GRPOStage:
                             old_logprobs = unshuffle(logprobs, mb)
                         pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.clip_range)
                         kl_loss = (masked_mean(kl_estimate(logprobs, ref_logprobs[mb], cfg.kl_estimator), m)
-                                   if cfg.kl_coef else torch.zeros(()))
+                                   if cfg.kl_coef else logprobs.new_zeros(()))
                         mean_entropy = masked_mean(entropy, m)
                         (pg_loss + cfg.kl_coef * kl_loss - cfg.entropy_coef * mean_entropy).backward()
                     run.schedule.hold(iteration)  # progressive unfreezing: groups not yet unfrozen stay still

@@ -144,7 +144,7 @@ class OnlineRun:
         t0 = time.time()
         raw = self.reward_model.score(rollout.prompts, rollout.texts).float()
         check_finite(self.ctx.label, self.iteration, reward=raw)
-        finished = torch.tensor(rollout.finished, dtype=torch.float32)
+        finished = torch.tensor(rollout.finished, dtype=torch.float32, device=raw.device)  # a plugin may score on a GPU
         scores = self.normalized.normalize(raw) - self.cfg.unfinished_penalty * (1 - finished)
         self.timing["score"] += time.time() - t0
         return raw, scores, finished

@@ -119,7 +119,7 @@ class RewardStage:
                     batch = [rows[i] for i in block[rank::world]]
                     seen += len(batch)
                     chosen, rejected = train_rewards(batch, "chosen"), train_rewards(batch, "rejected")
-                    margin = torch.tensor([float(r.get("margin", cfg.margin)) for r in batch])
+                    margin = torch.tensor([float(r.get("margin", cfg.margin)) for r in batch], device=chosen.device)
                     loss = bradley_terry_loss(chosen, rejected, margin)
                     if cfg.center_rewards_coefficient:
                         loss = loss + cfg.center_rewards_coefficient * ((chosen + rejected) ** 2).mean()

@@ -117,6 +117,12 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_pulls_back_towards_it():
     assert (params["b"] - anchor["b"]).abs().item() < before["b"].item() * 0.5
 
 
+def test_ewc_penalty_without_terms_is_a_zero_on_the_parameters_device():
+    params = {"a": torch.zeros(2, device="meta")}
+    penalty = ewc_penalty(params, {}, {})
+    assert penalty.device.type == "meta" and penalty.shape == ()
+
+
 def test_online_fisher_decays_the_old_one():
     old, new = {"a": torch.tensor([2.0, 4.0])}, {"a": torch.tensor([1.0, 0.0])}
     assert online_fisher(None, new, 0.5)["a"].tolist() == [1.0, 0.0]

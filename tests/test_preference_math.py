@@ -9,6 +9,11 @@ from alignment.algorithms.preference import bradley_terry_loss, pairwise_accurac
 from alignment.evaluation import win_rate
 from reward_models import Composite, Normalized, RuleReward, ToyGoldReward
 
+# A loss must build its tensors on its inputs' device: "meta" catches a CPU tensor on any machine (it cannot be mixed
+# with a meta tensor), the `gpu` variant runs the same check on CUDA where there is one.
+DEVICES = ["meta", pytest.param("cuda", marks=(pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="runs on CUDA")))]
+
 
 def test_bradley_terry_by_hand():
     chosen, rejected = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.5])
@@ -20,6 +25,18 @@ def test_bradley_terry_by_hand():
     assert per_row == pytest.approx((0.313262 + 1.313262) / 2, abs=1e-5)
     assert bradley_terry_loss(torch.zeros(3), torch.zeros(3)).item() == pytest.approx(math.log(2))
     assert pairwise_accuracy(chosen, rejected) == 0.5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bradley_terry_margin_per_row_follows_the_rewards_device(device):
+    chosen = torch.tensor([1.0, 0.0], device=device, requires_grad=True)
+    rejected = torch.tensor([0.0, 0.5], device=device)
+    margin = torch.tensor([0.0, 0.5])  # as the reward stage builds it from its rows' `margin` values
+    loss = bradley_terry_loss(chosen, rejected, margin)
+    assert loss.device.type == device and loss.shape == ()
+    loss.backward()
+    if device != "meta":
+        assert loss.item() == pytest.approx((0.313262 + 1.313262) / 2, abs=1e-5)
 
 
 def test_win_rate_ties_count_half():

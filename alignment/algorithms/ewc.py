@@ -57,7 +57,10 @@ def ewc_penalty(parameters: Params, fisher: Params, anchor: Params) -> torch.Ten
     if missing:
         raise KeyError(f"the EWC penalty covers parameters the model does not have, e.g. {missing[0]!r}")
     terms = [(fisher[n].to(parameters[n]) * (parameters[n] - anchor[n].to(parameters[n])) ** 2).sum() for n in fisher]
-    return torch.stack(terms).sum() if terms else torch.zeros(())
+    if terms:
+        return torch.stack(terms).sum()
+    like = next(iter(parameters.values()), None)  # no terms: a zero on the parameters' device, not the CPU's
+    return like.new_zeros(()) if like is not None else torch.zeros(())
 
 
 def online_fisher(previous: Params | None, new: Params, gamma: float) -> dict[str, torch.Tensor]:

@@ -53,7 +53,7 @@ def kl_shaped_rewards(
     """
     rewards = -kl_coef * kl * mask.to(kl.dtype)
     last = mask.long().sum(dim=1).clamp(min=1) - 1
-    rewards[torch.arange(rewards.shape[0]), last] += scores.to(rewards.dtype)
+    rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += scores.to(rewards)
     return rewards
 
 

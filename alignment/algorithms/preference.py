@@ -13,8 +13,10 @@ def bradley_terry_loss(
 
     chosen_rewards, rejected_rewards: (B,) scalar rewards of the preferred and dispreferred answers.
     margin: scalar or (B,): how much better the chosen answer must score (Llama 2's margin loss); 0 is plain BT.
+    It is moved to the rewards' device and dtype (a margin built on the CPU meets rewards on the model's device).
     Returns a scalar.
     """
+    margin = torch.as_tensor(margin, dtype=chosen_rewards.dtype, device=chosen_rewards.device)
     return -F.logsigmoid(chosen_rewards - rejected_rewards - margin).mean()
 
 
