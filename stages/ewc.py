@@ -206,16 +206,25 @@ class EWCStage(SFTStage):
 # ------------------------------------------------------------------------------------------------- helpers
 
 
+def stable_name(name: str, adapter: str) -> str:
+    """A parameter's name without the adapter's: peft's state-dict key (LoRA's `lora_A.<adapter>.weight`, IA3's
+    `ia3_l.<adapter>` with the name last, a prompt encoder's `prompt_encoder.<adapter>.`), or the plain name (base
+    weights, bottleneck modules)."""
+    name = name.replace(f".{adapter}.", ".")
+    return name[: -len(adapter) - 1] if adapter and name.endswith(f".{adapter}") else name
+
+
 def named_trainable(model, adapter: str) -> dict:
-    """Trainable parameters by a stable name: peft's state-dict key (no adapter name: LoRA's `lora_A.<adapter>.weight`,
-    IA3's `ia3_l.<adapter>` with the name last, a prompt encoder's `prompt_encoder.<adapter>.`), or the plain name
-    (base weights, bottleneck modules)."""
-    out = {}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            n = n.replace(f".{adapter}.", ".")
-            out[n[: -len(adapter) - 1] if adapter and n.endswith(f".{adapter}") else n] = p
-    return out
+    """Trainable parameters by their stable name (``stable_name``): what a task's Fisher covers."""
+    return {stable_name(n, adapter): p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def named_covered(model, adapter: str, penalties: list[dict]) -> dict:
+    """The parameters the penalties' Fishers cover, by stable name, whether they train at this step or not:
+    progressive unfreezing (``unfreeze_every``) leaves the lower layers without ``requires_grad`` for a while, and
+    their penalty is still owed (it only has no gradient until they join)."""
+    covered = {n for p in penalties for n in p["fisher"]}
+    return {s: p for n, p in model.named_parameters() if (s := stable_name(n, adapter)) in covered}
 
 
 def save_penalty(path: Path, penalty: dict, task: str) -> None:
@@ -256,7 +265,7 @@ def ewc_trainer(trainer_cls, penalties: list[dict], ewc_lambda: float):
             loss, outputs = result if return_outputs else (result, None)
             if not hasattr(self, "_ewc_params"):
                 adapter = getattr(self.model, "active_adapter", "")
-                self._ewc_params, self._ewc_logged = named_trainable(self.model, adapter), []
+                self._ewc_params, self._ewc_logged = named_covered(self.model, adapter, penalties), []
             penalty = ewc_lambda / 2 * sum(ewc_penalty(self._ewc_params, p["fisher"], p["anchor"]) for p in penalties)
             scaled = getattr(self, "loss_is_scaled_for_ga", None)
             if scaled is None:

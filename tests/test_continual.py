@@ -125,6 +125,20 @@ def test_ewc_penalty_keeps_the_adapter_near_its_anchor(toy_dir, tmp_path):
     assert drift(500.0, "strong") < 0.5 * drift(0.0, "free")
 
 
+def test_ewc_with_progressive_unfreezing_penalises_the_layers_not_yet_unfrozen(toy_dir, tmp_path):
+    """`unfreeze_every`: the second task starts with only the top layer trainable; the penalty still covers the whole
+    adapter (collected by name, not by requires_grad: that raised KeyError at the second task's first step)."""
+    short = {"max_steps": 4, "batch_size": 4, "max_samples": 16, "fisher_samples": 8, "unfreeze_every": 2}
+    stages = [task("ewc", "sentiment", **short), task("ewc", "topic", **short)]
+    summary = chain(tmp_path, "unfreeze", stages, logging={"log_every": 1}).run()
+    assert [s["status"] for s in summary["stages"]] == ["done", "done"]
+    penalty = load_file(tmp_path / "unfreeze" / "0-ewc" / "ewc" / "penalty-0-sentiment.safetensors")
+    assert any(".layers.0." in k for k in penalty)  # the Fisher covers the lowest layer's LoRA weights too
+    logged = [json.loads(x) for x in (tmp_path / "unfreeze" / "1-ewc" / "metrics.jsonl").read_text().splitlines()]
+    penalties = [x["ewc_penalty"] for x in logged if "ewc_penalty" in x]
+    assert len(penalties) == 4 and penalties[0] == 0.0 and penalties[-1] > 0  # at the anchor first, then pulled
+
+
 def test_ewc_online_mode_keeps_one_running_penalty_and_dpo_objective(toy_dir, tmp_path):
     stages = [task("ewc", "sentiment", mode="online", gamma=0.5, fisher_samples=8, objective="dpo", max_steps=10),
               task("ewc", "topic", mode="online", gamma=0.5, fisher_samples=8, objective="dpo", max_steps=10)]
