@@ -43,6 +43,9 @@ class OnlineConfig(StageConfig):
     kl_estimator: Literal["k1", "k3"] = "k1"
     target_kl: float | None = Field(0.1, gt=0)  # early-stop the epochs when approx_kl exceeds it
     max_new_tokens: int = Field(24, ge=1)
+    # prompts are cut from the left (start token and most recent text kept) to this many tokens, and always to the
+    # model's context (max_position_embeddings) minus max_new_tokens; None: only the latter
+    max_prompt_length: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1.0)
     gold_eval_every: int = Field(10, ge=1)  # toy only
