@@ -173,9 +173,8 @@ class FitReport:
 def fit_rows(rows: list[dict], fitter: PromptFitter, response_keys: tuple[str, ...], long_prompts: str,
              max_dropped_fraction: float, already_identical: int = 0, what: str = "pairs") -> FitReport:
     """``rows`` with their ``prompt`` cut to fit (``response_keys``: the responses), the rows that cannot fit dropped
-    and counted (``already_identical``: pairs the loader dropped as identical text, counted with them). Console lines
-    say how many prompts were cut and how many rows dropped. UserError, naming ``fitter.field``: a prompt would be cut
-    with ``long_prompts: refuse``; more than ``max_dropped_fraction`` of the rows would be lost; no row is left."""
+    and counted (``already_identical``: pairs the loader dropped as identical text, counted with them). See
+    ``check_fit`` for the console lines and the errors."""
     fitted = fitter.fit([str(r["prompt"]) for r in rows], [[str(r[k]) for k in response_keys] for r in rows])
     pairs = len(response_keys) > 1
     dropped = {IDENTICAL: already_identical, RESPONSE_TOO_LONG: 0} if pairs else {RESPONSE_TOO_LONG: 0}
@@ -187,31 +186,66 @@ def fit_rows(rows: list[dict], fitter: PromptFitter, response_keys: tuple[str, .
         cut += f.cut
         kept.append({**row, "prompt": f.prompt} if f.cut else row)
     report = FitReport(kept, dropped, cut, len(rows) + already_identical)
-    _check(report, fitter, fitted, long_prompts, max_dropped_fraction, what)
+    limit = f"max_length {fitter.max_length}" + (
+        f" and max_prompt_length {fitter.max_prompt_length}" if fitter.max_prompt_length else "")
+    check_fit(report, fitter.field, limit, max(f.prompt_tokens for f in fitted), long_prompts, max_dropped_fraction,
+              what)
     return report
 
 
-def _check(report: FitReport, fitter: PromptFitter, fitted: list[Fitted], long_prompts: str,
-           max_dropped_fraction: float, what: str) -> None:
+def fit_messages(rows: list[dict], tokenizer, max_length: int, long_prompts: str, max_dropped_fraction: float,
+                 field: str) -> FitReport:
+    """Chat rows (``messages``, trained whole by TRL): the oldest turns go (a leading system message stays), each cut
+    starting the conversation again at a user message, until the rendered conversation fits ``max_length``. A row whose
+    last user message and answer alone do not fit is dropped (``response_too_long``)."""
+
+    def length(messages):
+        return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+
+    kept, cut, dropped, longest = [], 0, {RESPONSE_TOO_LONG: 0}, 0
+    for row in rows:
+        messages = list(row["messages"])
+        system = messages[:1] if messages and messages[0].get("role") == "system" else []
+        turns = messages[len(system) :]
+        starts = [0] + [i for i, m in enumerate(turns) if i and m.get("role") == "user"]
+        full = length(messages)
+        longest = max(longest, full)
+        fits = next((i for i in starts if (full if i == 0 else length(system + turns[i:])) <= max_length), None)
+        if fits is None:
+            dropped[RESPONSE_TOO_LONG] += 1
+            continue
+        cut += fits > 0
+        kept.append({**row, "messages": system + turns[fits:]} if fits else row)
+    report = FitReport(kept, dropped, cut, len(rows))
+    check_fit(report, field, f"max_length {max_length}", longest, long_prompts, max_dropped_fraction, "examples")
+    return report
+
+
+def check_fit(report: FitReport, field: str, limit: str, longest: int, long_prompts: str, max_dropped_fraction: float,
+              what: str) -> None:
+    """Console lines for the prompts cut and the rows dropped. UserError, naming ``field``: a prompt would be cut or a
+    row dropped for its length with ``long_prompts: refuse``; more than ``max_dropped_fraction`` of the rows lost; no
+    row left. ``limit``: the limits in words, ``longest``: the longest prompt in tokens."""
     from alignment.metrics import console
 
-    field, total = fitter.field, report.total
+    total = report.total
     too_long = report.cut + report.dropped.get(RESPONSE_TOO_LONG, 0)
     if too_long and long_prompts == "refuse":
-        longest = max(f.prompt_tokens for f in fitted)
-        raise UserError(f"{field}: {too_long} of {total} prompts do not fit max_length {fitter.max_length} with their "
-                        f"answers (the longest prompt has {longest} tokens); raise `max_length`, shorten them, or set "
+        raise UserError(f"{field}: {too_long} of {total} prompts do not fit {limit} with their answers (the longest "
+                        f"prompt has {longest} tokens); raise `max_length`, shorten them, or set "
                         "`long_prompts: truncate`")
     details = ", ".join(f"{REASONS[k]}: {n}" for k, n in report.dropped.items() if n)
-    if report.lost > max_dropped_fraction * total or not report.rows:
-        raise UserError(f"{field}: {report.lost} of {total} {what} cannot be trained on ({details}), more than "
-                        f"max_dropped_fraction {max_dropped_fraction}; raise `max_length` (now {fitter.max_length}) or "
-                        "set `max_dropped_fraction` to accept the loss")
+    if not report.rows:
+        raise UserError(f"{field}: all {total} {what} are dropped ({details}); raise `max_length` or shorten the "
+                        "prompts and answers")
+    if report.lost > max_dropped_fraction * total:
+        raise UserError(f"{field}: {report.lost} of {total} {what} cannot be trained on at {limit} ({details}), "
+                        f"more than max_dropped_fraction {max_dropped_fraction}; raise `max_length`, or set "
+                        "`max_dropped_fraction` to accept the loss")
     if report.cut:
-        limit = f" and max_prompt_length {fitter.max_prompt_length}" if fitter.max_prompt_length else ""
-        console.print(f"[yellow]warning:[/yellow] {field}: {report.cut} of {total} prompts are too long for max_length "
-                      f"{fitter.max_length}{limit} with their answers: cut from the left (oldest text first; the start "
-                      "token and the answers kept; long_prompts: truncate)")
+        console.print(f"[yellow]warning:[/yellow] {field}: {report.cut} of {total} prompts are too long for {limit} "
+                      "with their answers: cut from the left (oldest text first; the start token and the answers kept; "
+                      "long_prompts: truncate)")
     if report.lost:
         console.print(f"[yellow]warning:[/yellow] {field}: dropped {report.lost} of {total} {what} ({details})")
 
