@@ -68,7 +68,7 @@ class OnlineRun:
 
         self.ctx, self.cfg, self.policy = ctx, cfg, ctx.policy
         rows = load_rows(cfg.prompts, cfg.columns, f"stages.{ctx.index}.prompts")
-        self.prompts = self._prompt_texts(rows)
+        self.prompts, self.prompts_cut = self._fit_prompts(self._prompt_texts(rows))
         self.policy = online_policy(ctx)  # `policy` + frozen `reference` (copies for base-weight / module methods)
         self.policy.model.eval()  # a trainer earlier in this process leaves training mode on; checkpointing is ours
         self.reward_model, self.normalized = self._reward_model()
@@ -211,6 +211,7 @@ class OnlineRun:
             "sync_logprob_diff_max": round(max(d[1] for d in diffs), 7) if diffs else None,
             **{f"time_{k}_s": round(v, 2) for k, v in self.timing.items()},
             **self.gold,
+            **({"long_prompts_truncated": self.prompts_cut} if self.prompts_cut else {}),
         }
         if hasattr(self.engine, "close"):
             self.engine.close()
@@ -293,6 +294,20 @@ class OnlineRun:
         raise UserError(f"stages.{self.ctx.index}.prompts: {self.cfg.prompts!r} needs a `prompt` or `messages` column; "
                         f"columns found: {', '.join(sorted(rows[0]))}")
 
+    def _fit_prompts(self, prompts: list[str]) -> tuple[list[str], int]:
+        """(prompts, how many were cut): each cut from the left (its start token and most recent text kept) to
+        ``max_prompt_length`` tokens and to the rollout context less ``max_new_tokens``, so that no engine cuts it."""
+        from alignment.errors import UserError
+        from alignment.truncation import fit_prompts
+
+        cfg = self.cfg
+        context = rollout_context(self.policy.base.config)
+        if context - cfg.max_new_tokens < 1:
+            raise UserError(f"stages.{self.ctx.index}.max_new_tokens: {cfg.max_new_tokens} new tokens leave no room "
+                            f"for a prompt in the model's {context}-token context; lower `max_new_tokens`")
+        budget = min(context - cfg.max_new_tokens, cfg.max_prompt_length or context)
+        return fit_prompts(prompts, self.policy.tokenizer, budget, f"stages.{self.ctx.index}.prompts")
+
     def _reward_model(self):
         """The scorer, and it wrapped in normalisation: fixed from the reward model's training statistics when it
         has them (else running), running, or none (clipping only)."""
@@ -340,9 +355,14 @@ def make_engine(ctx: StageContext, policy):
         if problem:
             console.print(f"rollout.engine auto: using the HF engine ({problem})")
             return HFEngine(policy)
-    max_len = min(getattr(policy.base.config, "max_position_embeddings", 4096), 4096)
-    return VLLMEngine(policy, sync, ctx.rollout.memory_fraction, getattr(ctx.adapter, "r", 16), max_len, ctx.seed,
-                      ctx.rollout.tensor_parallel_size, ctx.rollout.sleep)
+    return VLLMEngine(policy, sync, ctx.rollout.memory_fraction, getattr(ctx.adapter, "r", 16),
+                      rollout_context(policy.base.config), ctx.seed, ctx.rollout.tensor_parallel_size,
+                      ctx.rollout.sleep)
+
+
+def rollout_context(model_config) -> int:
+    """Tokens a rollout may hold (prompt + response): the model's context, at most 4096 (vLLM's max_model_len)."""
+    return min(getattr(model_config, "max_position_embeddings", 4096), 4096)
 
 
 # ------------------------------------------------------------------------------------------ tensor helpers
