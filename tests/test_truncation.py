@@ -152,9 +152,10 @@ def test_fit_rows_counts_drops_and_stops_past_max_dropped_fraction(tokenizer):
     assert report.metrics() == {"dropped_pairs": {IDENTICAL: 3, RESPONSE_TOO_LONG: 1}, "long_prompts_truncated": 7}
     with pytest.raises(UserError, match=r"^stages\.1\.data: 4 of 11 pairs cannot be trained on at max_length 64 "
                                         r"\(identical after tokenization: 3, answer longer .*: 1\), more than "
-                                        r"max_dropped_fraction 0\.3; raise `max_length`, or set `max_dropped_fraction`"):
+                                        r"max_dropped_fraction 0\.3; raise `max_length`, or set "
+                                        r"`max_dropped_fraction`"):
         fit_rows(rows, fitter, ("chosen", "rejected"), "truncate", 0.3, already_identical=1)
-    with pytest.raises(UserError, match=r"stages\.1\.data: 8 of 10 prompts do not fit max_length 64 with their answers"):
+    with pytest.raises(UserError, match=r"stages\.1\.data: 8 of 10 prompts do not fit max_length 64 with their "):
         fit_rows(rows, fitter, ("chosen", "rejected"), "refuse", 1.0)
 
 
@@ -164,12 +165,14 @@ def test_fit_messages_drops_the_oldest_turns_and_keeps_the_system_message(tokeni
     for text in row["prompt"].split("\n\nuser : ")[:-1]:
         question, answer = text.removeprefix("user : ").split("\n\nassistant : ")
         turns += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-    turns += [{"role": "user", "content": "review of the tea in oslo :"}, {"role": "assistant", "content": "the tea was good ."}]
+    turns += [{"role": "user", "content": "review of the tea in oslo :"},
+              {"role": "assistant", "content": "the tea was good ."}]
     report = fit_messages([{"messages": turns}], tokenizer, MAX_LENGTH, "truncate", 0.2, "stages.0.data")
     (kept,) = report.rows
     assert report.cut == 1 and kept["messages"][0] == turns[0] and kept["messages"][-2:] == turns[-2:]
     assert kept["messages"][1]["role"] == "user" and len(kept["messages"]) < len(turns)
-    assert len(tokenizer.apply_chat_template(kept["messages"], tokenize=True, return_dict=True)["input_ids"]) <= MAX_LENGTH
+    rendered = tokenizer.apply_chat_template(kept["messages"], tokenize=True, return_dict=True)["input_ids"]
+    assert len(rendered) <= MAX_LENGTH
 
 
 def test_online_prompts_are_cut_from_the_left(tokenizer):
@@ -258,7 +261,8 @@ def long_run(toy_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("long")
     train, held_out = transcripts(40, seed=5, identical_every=10), transcripts(12, seed=6, identical_every=12)
     pairs = write_jsonl(out / "pairs.jsonl", train, ("prompt", "chosen", "rejected"))
-    sft = write_jsonl(out / "sft.jsonl", [{**r, "completion": r["chosen"]} for r in train[1:]], ("prompt", "completion"))
+    sft = write_jsonl(out / "sft.jsonl", [{**r, "completion": r["chosen"]} for r in train[1:]],
+                      ("prompt", "completion"))
     prompts = write_jsonl(out / "prompts.jsonl", held_out, ("prompt",))
     stages = [
         {"kind": "sft", "data": sft, **STEP, "max_samples": 8},
