@@ -113,8 +113,14 @@ class TrainingConfig(StageConfig):
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0)
     gradient_checkpointing: bool = True  # recompute activations in backward: less memory, more compute (TRL's default)
-    max_length: int = Field(256, ge=8)
-    long_prompts: Literal["truncate", "refuse"] = "truncate"  # prompts over max_length: cut (and count) or stop
+    max_length: int = Field(256, ge=8)  # prompt + answer (+ eos) in tokens
+    max_prompt_length: int | None = Field(None, ge=1)  # prompts cut (from the left) to at most this many tokens
+    # prompts that do not fit max_length with their answers: cut from the left, the start token, the most recent text
+    # and the answers kept (truncate), or stop (refuse); see alignment/truncation.py
+    long_prompts: Literal["truncate", "refuse"] = "truncate"
+    # examples whose answer cannot fit, or pairs identical after tokenization, are dropped and counted: a larger
+    # share of the data than this stops the stage
+    max_dropped_fraction: float = Field(0.2, ge=0.0, le=1.0)
     checkpoint_every: int = Field(50, ge=1)  # optimiser steps between checkpoints (a killed run resumes from the last)
 
 
@@ -185,14 +191,19 @@ class PipelineConfig(Strict):
 
 def unset_later_fields(stage: StageConfig) -> set[str]:
     """Fields a stage kind gained after runs were recorded (the schedules of the reward and offline preference
-    stages, the online stages' schedules and PPO's `critic`), left out of its fingerprint while at their defaults
-    so that earlier runs' stages still match."""
+    stages, the online stages' schedules and PPO's `critic`, every stage's truncation fields), left out of its
+    fingerprint while at their defaults so that earlier runs' stages still match."""
+    later = {f for f, default in TRUNCATION_DEFAULTS.items()
+             if f in type(stage).model_fields and getattr(stage, f) == default}
     if stage.kind in ONLINE_KINDS:
-        later = {f for f in ("layer_lr_decay", "unfreeze_every") if getattr(stage, f, None) is None}
+        later |= {f for f in ("layer_lr_decay", "unfreeze_every") if getattr(stage, f, None) is None}
         return later | ({"critic"} if getattr(stage, "critic", None) == "separate" else set())
     if stage.kind not in LATER_SCHEDULE_KINDS:
-        return set()
-    return {f for f in SCHEDULE_FIELDS if getattr(stage, f, None) == ScheduleFields.model_fields[f].default}
+        return later
+    return later | {f for f in SCHEDULE_FIELDS if getattr(stage, f, None) == ScheduleFields.model_fields[f].default}
+
+
+TRUNCATION_DEFAULTS = {"max_prompt_length": None, "max_dropped_fraction": 0.2}
 
 
 LATER_SCHEDULE_KINDS = ("reward", "dpo", "kto", "orpo")

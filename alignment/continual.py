@@ -10,8 +10,9 @@ Task data: toy tasks (``toy:task/<name>``, held out: ``toy:task/<name>_eval``), 
 (optional ``label``), ``text``/``label`` (trained as prompt = text, completion = " " + label), or
 ``prompt``/``chosen``/``rejected`` pairs. Every example becomes (prompt, choices, answer): a classification task's
 choices are its distinct answers, a pair's are (chosen, rejected). Accuracy is the share of held-out examples where
-the right choice has the highest log-likelihood (``method: choice``), or where greedy generation starts with the
-right answer (``method: generate``). Without ``eval_data`` a seeded 20 % (at most 200) of the data is held out.
+the right choice has the highest log-likelihood (``method: choice``; a tie of k choices counts 1/k), or where greedy
+generation starts with the right answer (``method: generate``). Without ``eval_data`` a seeded 20 % (at most 200) of
+the data is held out.
 """
 
 from __future__ import annotations
@@ -181,11 +182,12 @@ def task_accuracy(model, tokenizer, examples: list[dict], method: str = "choice"
     flat_prompts = [e["prompt"] for e in examples for _ in e["choices"]]
     flat_choices = [c for e in examples for c in e["choices"]]
     scores = completion_scores(model, tokenizer, flat_prompts, flat_choices)
-    correct, at = 0, 0
+    correct, at = 0.0, 0
     for e in examples:
         own = scores[at : at + len(e["choices"])]
         at += len(e["choices"])
-        correct += max(range(len(own)), key=own.__getitem__) == e["answer"]
+        best = [i for i, s in enumerate(own) if s == max(own)]
+        correct += (e["answer"] in best) / len(best)  # a tie between k choices: 1/k (a pair's tie counts half)
     return correct / len(examples)
 
 

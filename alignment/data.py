@@ -253,21 +253,21 @@ def preference_rows(
     return out, dropped
 
 
-def check_prompt_lengths(rows: list[dict], tokenizer, max_length: int, policy: str, field: str) -> dict[str, int]:
-    """Prompts (or ``text`` rows) longer than ``max_length`` tokens: refused (``policy == "refuse"``) or counted, and
-    cut by the trainer (``"truncate"``); returns ``{"long_prompts_truncated": n}`` when there are any."""
-    key = "prompt" if rows and "prompt" in rows[0] else "text" if rows and "text" in rows[0] else None
-    if key is None:
+def check_text_lengths(rows: list[dict], tokenizer, max_length: int, policy: str, field: str) -> dict[str, int]:
+    """Plain ``text`` rows (language modelling, no prompt to cut) longer than ``max_length`` tokens: refused
+    (``policy == "refuse"``) or counted and cut at the end by the trainer (``"truncate"``); returns
+    ``{"long_prompts_truncated": n}`` when there are any. Rows with a prompt are fitted by alignment/truncation.py."""
+    if not rows or "text" not in rows[0]:
         return {}
-    lengths = [len(tokenizer(str(r[key]), add_special_tokens=False)["input_ids"]) for r in rows]
+    lengths = [len(tokenizer(str(r["text"]), add_special_tokens=False)["input_ids"]) for r in rows]
     long = [i for i, n in enumerate(lengths) if n >= max_length]
     if not long:
         return {}
-    what = (f"{len(long)} of {len(rows)} {key}s are {max_length} tokens or longer (max_length; the longest has "
+    what = (f"{len(long)} of {len(rows)} texts are {max_length} tokens or longer (max_length; the longest has "
             f"{max(lengths)})")
     if policy == "refuse":
         raise UserError(f"{field}: {what}; raise `max_length`, shorten them, or set `long_prompts: truncate`")
     from alignment.metrics import console
 
-    console.print(f"[yellow]warning:[/yellow] {field}: {what}: truncated (long_prompts: truncate)")
+    console.print(f"[yellow]warning:[/yellow] {field}: {what}: their ends are cut (long_prompts: truncate)")
     return {"long_prompts_truncated": len(long)}

@@ -10,23 +10,30 @@ from reward_models.trained import TrainedRewardModel
 
 def eval_pairs_command(args) -> int:
     """`alignment eval pairs`: pairwise accuracy of a reward folder, loaded on the base it records."""
-    import statistics
-
     from rich.console import Console
     from rich.table import Table
 
+    import torch
+
+    from alignment.algorithms.preference import pairwise_accuracy, tie_rate
     from alignment.data import preference_rows
+    from alignment.truncation import PromptFitter, fit_rows
 
     model = TrainedRewardModel.load(args.reward, batch_size=args.batch_size)
-    rows, dropped = preference_rows(args.data, None, "--data", model.policy.tokenizer)
+    rows, identical = preference_rows(args.data, None, "--data", model.policy.tokenizer)
+    # as the reward stage: prompts cut from the left to fit with both answers; identical or too-long pairs dropped
+    fitter = PromptFitter(model.policy.tokenizer, model.max_length, eos=False, field="--data")
+    fitted = fit_rows(rows, fitter, ("chosen", "rejected"), "truncate", 1.0, identical)
+    rows = fitted.rows
     prompts = [r["prompt"] for r in rows]
     chosen = model.score(prompts, [r["chosen"] for r in rows])
     rejected = model.score(prompts, [r["rejected"] for r in rows])
-    wins = (chosen > rejected).tolist()
-    result = {"pairs": len(rows), "dropped_pairs": dropped, "accuracy": round(statistics.fmean(map(float, wins)), 4)}
+    result = {"pairs": len(rows), "dropped_pairs": fitted.dropped,  # accuracies: a tie counts half
+              "accuracy": round(pairwise_accuracy(chosen, rejected), 4),
+              "tie_rate": round(tie_rate(chosen, rejected), 4)}
     if all("gold_chosen_is_better" in r for r in rows):
-        truth = [r["gold_chosen_is_better"] for r in rows]
-        result["gold_accuracy"] = round(statistics.fmean(float(w == t) for w, t in zip(wins, truth)), 4)
+        truth = torch.tensor([r["gold_chosen_is_better"] for r in rows])
+        result["gold_accuracy"] = round(pairwise_accuracy(chosen, rejected, truth), 4)
     result["mean_margin"] = round((chosen - rejected).mean().item(), 4)
     table = Table(title=f"{args.reward} on {args.data}")
     for key in result:

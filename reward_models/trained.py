@@ -240,7 +240,14 @@ class TrainedRewardModel:
 
     @torch.no_grad()
     def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
-        texts = [p + c for p, c in zip(prompts, completions)]
+        """(B,) rewards of ``prompt + completion``; a prompt too long for ``max_length`` with its completion is cut from
+        the left (its start token and most recent text kept: alignment/truncation.py), never the completion (one
+        longer than ``max_length`` on its own is scored on its first ``max_length`` tokens, after an empty prompt)."""
+        from alignment.truncation import PromptFitter
+
+        fitted = PromptFitter(self.policy.tokenizer, self.max_length, eos=False).fit(
+            list(prompts), [[c] for c in completions])
+        texts = [(f.prompt if f.prompt is not None else "") + c for f, c in zip(fitted, completions)]
         out = [
             sequence_rewards(self.policy, self.adapter_name, self.head, texts[i : i + self.batch_size], self.max_length)
             for i in range(0, len(texts), self.batch_size)

@@ -54,7 +54,7 @@ class DPOStage:
         from alignment.training import trainer_callbacks, trl_args, use_console_progress
 
         cfg, policy = self.config, ctx.policy
-        rows, eval_rows, dropped = preference_data(cfg, ctx)
+        rows, eval_rows, fit_metrics = preference_data(cfg, ctx)
         trained = OfflinePolicy(ctx, "DPO")
         sft_scores = ctx.gold_scores(trained.model)
 
@@ -85,7 +85,7 @@ class DPOStage:
         train_loss = train(trainer, ctx)  # checkpoints, resume, NaN guard
         trained.model.eval()
 
-        metrics = {"train_loss": round(train_loss, 4), "train_pairs": len(rows), "dropped_pairs": dropped}
+        metrics = {"train_loss": round(train_loss, 4), "train_pairs": len(rows), **fit_metrics}
         metrics.update(trl_reward_metrics(trainer, bool(eval_rows)))
         metrics["reference_max_abs_diff"] = trained.reference_drift()
         metrics.update(ctx.gold_metrics(baseline=sft_scores, model=trained.model))
@@ -96,30 +96,36 @@ class DPOStage:
 # ----------------------------------------------------------- shared with the other offline objectives (KTO, ORPO)
 
 
-def preference_data(cfg, ctx: StageContext) -> tuple[list[dict], list[dict], int]:
-    """(train rows, eval rows, dropped pairs) with prompt/chosen/rejected. Without ``cfg.data``: the reward stage's
-    preference data when the run has one, else toy:preference."""
+def preference_data(cfg, ctx: StageContext) -> tuple[list[dict], list[dict], dict]:
+    """(train rows, eval rows, metrics: ``dropped_pairs`` per reason, ...) with prompt/chosen/rejected, each prompt cut
+    from the left to fit ``max_length`` with both answers and eos (alignment/truncation.py: TRL's trainers then cut
+    nothing). Without ``cfg.data``: the reward stage's preference data when the run has one, else toy:preference."""
     from alignment.data import preference_rows
     from alignment.io import read_json
+    from alignment.truncation import fit_pairs
 
     policy = ctx.policy
     source = cfg.data
     if source is None:
         source = read_json(ctx.artifacts["preference_data"])["source"] if "preference_data" in ctx.artifacts else "toy:preference"
-    rows, dropped = preference_rows(source, cfg.columns, f"stages.{ctx.index}.data", policy.tokenizer)
+    field = f"stages.{ctx.index}.data"
+    rows, identical = preference_rows(source, cfg.columns, field, policy.tokenizer)
+    fitted = fit_pairs(rows, cfg, policy.tokenizer, field, already_identical=identical)
+    rows, metrics = fitted.rows, fitted.metrics()
     random.Random(ctx.seed).shuffle(rows)
     if cfg.max_samples:
         rows = rows[: cfg.max_samples]
-    from alignment.data import check_prompt_lengths
-
-    check_prompt_lengths(rows, policy.tokenizer, cfg.max_length, cfg.long_prompts, f"stages.{ctx.index}.data")
     if cfg.eval_data:
-        eval_rows, _ = preference_rows(cfg.eval_data, cfg.columns, f"stages.{ctx.index}.eval_data", policy.tokenizer)
+        field = f"stages.{ctx.index}.eval_data"
+        eval_rows, identical = preference_rows(cfg.eval_data, cfg.columns, field, policy.tokenizer)
+        eval_fitted = fit_pairs(eval_rows, cfg, policy.tokenizer, field, already_identical=identical)
+        eval_rows = eval_fitted.rows
+        metrics.update(eval_fitted.metrics(split="eval_"))
     else:
         n_eval = int(len(rows) * cfg.eval_fraction)
         eval_rows, rows = rows[:n_eval], rows[n_eval:]
     keep = ("prompt", "chosen", "rejected")
-    return [{k: r[k] for k in keep} for r in rows], [{k: r[k] for k in keep} for r in eval_rows], dropped
+    return [{k: r[k] for k in keep} for r in rows], [{k: r[k] for k in keep} for r in eval_rows], metrics
 
 
 class OfflinePolicy:

@@ -82,11 +82,13 @@ class EWCStage(SFTStage):
 
         from alignment.continual import preference_rows
         from alignment.training import trainer_callbacks, trl_args, use_console_progress
+        from alignment.truncation import fit_pairs
         from stages.dpo import TRL_REFERENCE, TRL_TRAINED, trl_reward_metrics
 
         cfg, policy = self.config, ctx.policy
         task = self.task_data(ctx, cfg.continual_tasks()[0].name)
-        rows = preference_rows(task.train)
+        fitted = fit_pairs(preference_rows(task.train), cfg, policy.tokenizer, f"stages.{ctx.index}.data")
+        rows = fitted.rows
         random.Random(ctx.seed).shuffle(rows)
         rows = rows[: cfg.max_samples] if cfg.max_samples else rows
         # TRL copies the adapter named `default` into the frozen reference `ref`: the reference is this adapter as
@@ -117,7 +119,8 @@ class EWCStage(SFTStage):
 
         train_loss = train(trainer, ctx)  # checkpoints, resume, NaN guard
         policy.model.eval()
-        metrics = {"train_loss": round(train_loss, 4), "train_pairs": len(rows), **trl_reward_metrics(trainer, False)}
+        metrics = {"train_loss": round(train_loss, 4), "train_pairs": len(rows), **fitted.metrics(),
+                   **trl_reward_metrics(trainer, False)}
         self._dpo_reference = TRL_REFERENCE  # the Fisher of the DPO loss needs the reference's log-probs
         self.fisher = self._fisher(ctx, TRL_TRAINED)
         target = ctx.dir / "adapters" / cfg.adapter_name

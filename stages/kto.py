@@ -53,7 +53,7 @@ class KTOStage:
         from alignment.training import trainer_callbacks, trl_args, use_console_progress
 
         cfg, policy = self.config, ctx.policy
-        rows, eval_rows = self._examples(ctx)
+        rows, eval_rows, fit_metrics = self._examples(ctx)
         trained = OfflinePolicy(ctx, "KTO")
         sft_scores = ctx.gold_scores(trained.model)
         args = TRLKTOConfig(
@@ -83,15 +83,16 @@ class KTOStage:
 
         desirable = sum(r["label"] for r in rows)
         metrics = {"train_loss": round(train_loss, 4), "train_desirable": desirable,
-                   "train_undesirable": len(rows) - desirable}
+                   "train_undesirable": len(rows) - desirable, **fit_metrics}
         metrics.update(trl_reward_metrics(trainer, bool(eval_rows)))
         metrics["reference_max_abs_diff"] = trained.reference_drift()
         metrics.update(ctx.gold_metrics(baseline=sft_scores, model=trained.model))
         target = trained.save()
         return StageResult(metrics=metrics, artifacts={"policy": ctx.relative(target)})
 
-    def _examples(self, ctx: StageContext) -> tuple[list[dict], list[dict]]:
-        """Unpaired (prompt, completion, label) rows: as given, or two per preference pair."""
+    def _examples(self, ctx: StageContext) -> tuple[list[dict], list[dict], dict]:
+        """Unpaired (prompt, completion, label) rows: as given, or two per preference pair; each prompt cut from the
+        left to fit ``max_length`` with its completion (alignment/truncation.py). And the fitting's metrics."""
         from alignment.data import load_rows
         from alignment.errors import UserError
 
@@ -99,21 +100,27 @@ class KTOStage:
         if cfg.data is not None:
             sample = load_rows(cfg.data, cfg.columns, f"stages.{ctx.index}.data")
             if {"prompt", "completion", "label"} <= set(sample[0]):
-                field = f"stages.{ctx.index}.eval_data"
-                return (self._unpaired(sample, ctx, cfg.data, f"stages.{ctx.index}.data"),
-                        self._unpaired(load_rows(cfg.eval_data, cfg.columns, field), ctx, cfg.eval_data, field)
-                        if cfg.eval_data else [])
+                rows, metrics = self._unpaired(sample, ctx, cfg.data, f"stages.{ctx.index}.data")
+                eval_rows = []
+                if cfg.eval_data:
+                    field = f"stages.{ctx.index}.eval_data"
+                    eval_rows, eval_metrics = self._unpaired(load_rows(cfg.eval_data, cfg.columns, field), ctx,
+                                                             cfg.eval_data, field, "eval_")
+                    metrics.update(eval_metrics)
+                return rows, eval_rows, metrics
             if "label" in sample[0] or "completion" in sample[0]:
                 raise UserError(f"stages.{ctx.index}.data: unpaired KTO data needs prompt, completion and label columns; "
                                 f"columns found: {', '.join(sorted(sample[0]))}")
-        rows, eval_rows, _ = preference_data(cfg, ctx)
-        return _unpair(rows), _unpair(eval_rows)
+        rows, eval_rows, metrics = preference_data(cfg, ctx)
+        return _unpair(rows), _unpair(eval_rows), metrics
 
-    def _unpaired(self, rows: list[dict], ctx: StageContext, source: str, field: str) -> list[dict]:
+    def _unpaired(self, rows: list[dict], ctx: StageContext, source: str, field: str,
+                  split: str = "") -> tuple[list[dict], dict]:
         import random
 
         from alignment.data import row_location
         from alignment.errors import UserError
+        from alignment.truncation import fit_completions
 
         out = []
         for i, r in enumerate(rows):
@@ -124,8 +131,10 @@ class KTOStage:
                 raise UserError(f"{field}: {source!r} {row_location(source, i)}: label must be true/false (desirable "
                                 f"or not), got {r['label']!r}")
             out.append({"prompt": str(r["prompt"]), "completion": str(r["completion"]), "label": bool(label)})
+        fitted = fit_completions(out, self.config, ctx.policy.tokenizer, field)
+        out = fitted.rows
         random.Random(ctx.seed).shuffle(out)
-        return out[: self.config.max_samples] if self.config.max_samples else out
+        return (out[: self.config.max_samples] if self.config.max_samples else out), fitted.metrics("examples", split)
 
 
 def _unpair(pairs: list[dict]) -> list[dict]:

@@ -82,6 +82,7 @@ class MultitaskStage(SFTStage):
             task_rows = sft_rows(self.task_data(ctx, name).train)
             rows += [{**r, "task_id": task_id} for r in task_rows[: cfg.max_samples or None]]
         rng.shuffle(rows)
+        rows, _, fitted = self.fit_rows(ctx, rows, [], "prompt_completion")  # prompts cut from the left to fit
         self.weighting = TaskWeights([t.weight for t in cfg.tasks], cfg.weighting, cfg.temperature, cfg.window)
         model = self._prepare_model(ctx)
         trainer = self.build_trainer(ctx, model, rows, [], "prompt_completion", data_collator=task_collator(ctx))
@@ -89,7 +90,7 @@ class MultitaskStage(SFTStage):
 
         train_loss = train(trainer, ctx)  # checkpoints, resume, NaN guard
         model.eval()
-        metrics = {"train_loss": round(train_loss, 4), "train_samples": len(rows)}
+        metrics = {"train_loss": round(train_loss, 4), "train_samples": len(rows), **fitted}
         metrics.update({f"alpha/{name}": round(a, 4) for name, a in zip(names, self.weighting.alpha)})
         artifact = self._save(ctx)
         result = StageResult(metrics, {cfg.adapter_name: ctx.relative(artifact)}, ctx.task_accuracy())

@@ -43,6 +43,9 @@ class OnlineConfig(StageConfig):
     kl_estimator: Literal["k1", "k3"] = "k1"
     target_kl: float | None = Field(0.1, gt=0)  # early-stop the epochs when approx_kl exceeds it
     max_new_tokens: int = Field(24, ge=1)
+    # prompts are cut from the left (start token and most recent text kept) to this many tokens, and always to the
+    # model's context (max_position_embeddings) minus max_new_tokens; None: only the latter
+    max_prompt_length: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1.0)
     gold_eval_every: int = Field(10, ge=1)  # toy only
@@ -65,7 +68,7 @@ class OnlineRun:
 
         self.ctx, self.cfg, self.policy = ctx, cfg, ctx.policy
         rows = load_rows(cfg.prompts, cfg.columns, f"stages.{ctx.index}.prompts")
-        self.prompts = self._prompt_texts(rows)
+        self.prompts, self.prompts_cut = self._fit_prompts(self._prompt_texts(rows))
         self.policy = online_policy(ctx)  # `policy` + frozen `reference` (copies for base-weight / module methods)
         self.policy.model.eval()  # a trainer earlier in this process leaves training mode on; checkpointing is ours
         self.reward_model, self.normalized = self._reward_model()
@@ -208,6 +211,7 @@ class OnlineRun:
             "sync_logprob_diff_max": round(max(d[1] for d in diffs), 7) if diffs else None,
             **{f"time_{k}_s": round(v, 2) for k, v in self.timing.items()},
             **self.gold,
+            **({"long_prompts_truncated": self.prompts_cut} if self.prompts_cut else {}),
         }
         if hasattr(self.engine, "close"):
             self.engine.close()
@@ -290,6 +294,20 @@ class OnlineRun:
         raise UserError(f"stages.{self.ctx.index}.prompts: {self.cfg.prompts!r} needs a `prompt` or `messages` column; "
                         f"columns found: {', '.join(sorted(rows[0]))}")
 
+    def _fit_prompts(self, prompts: list[str]) -> tuple[list[str], int]:
+        """(prompts, how many were cut): each cut from the left (its start token and most recent text kept) to
+        ``max_prompt_length`` tokens and to the rollout context less ``max_new_tokens``, so that no engine cuts it."""
+        from alignment.errors import UserError
+        from alignment.truncation import fit_prompts
+
+        cfg = self.cfg
+        context = rollout_context(self.policy.base.config)
+        if context - cfg.max_new_tokens < 1:
+            raise UserError(f"stages.{self.ctx.index}.max_new_tokens: {cfg.max_new_tokens} new tokens leave no room "
+                            f"for a prompt in the model's {context}-token context; lower `max_new_tokens`")
+        budget = min(context - cfg.max_new_tokens, cfg.max_prompt_length or context)
+        return fit_prompts(prompts, self.policy.tokenizer, budget, f"stages.{self.ctx.index}.prompts")
+
     def _reward_model(self):
         """The scorer, and it wrapped in normalisation: fixed from the reward model's training statistics when it
         has them (else running), running, or none (clipping only)."""
@@ -337,9 +355,14 @@ def make_engine(ctx: StageContext, policy):
         if problem:
             console.print(f"rollout.engine auto: using the HF engine ({problem})")
             return HFEngine(policy)
-    max_len = min(getattr(policy.base.config, "max_position_embeddings", 4096), 4096)
-    return VLLMEngine(policy, sync, ctx.rollout.memory_fraction, getattr(ctx.adapter, "r", 16), max_len, ctx.seed,
-                      ctx.rollout.tensor_parallel_size, ctx.rollout.sleep)
+    return VLLMEngine(policy, sync, ctx.rollout.memory_fraction, getattr(ctx.adapter, "r", 16),
+                      rollout_context(policy.base.config), ctx.seed, ctx.rollout.tensor_parallel_size,
+                      ctx.rollout.sleep)
+
+
+def rollout_context(model_config) -> int:
+    """Tokens a rollout may hold (prompt + response): the model's context, at most 4096 (vLLM's max_model_len)."""
+    return min(getattr(model_config, "max_position_embeddings", 4096), 4096)
 
 
 # ------------------------------------------------------------------------------------------ tensor helpers

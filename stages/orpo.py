@@ -51,7 +51,7 @@ class ORPOStage:
         from alignment.training import trainer_callbacks, trl_args, use_console_progress
 
         cfg, policy = self.config, ctx.policy
-        rows, eval_rows, dropped = preference_data(cfg, ctx)
+        rows, eval_rows, fit_metrics = preference_data(cfg, ctx)
         trained = OfflinePolicy(ctx, "ORPO", reference=False)
         sft_scores = ctx.gold_scores(trained.model)
         args = TRLORPOConfig(**trl_args(cfg, ctx), beta=cfg.beta, eval_strategy="no")
@@ -71,7 +71,7 @@ class ORPOStage:
         train_loss = train(trainer, ctx)  # checkpoints, resume, NaN guard
         trained.model.eval()
 
-        metrics = {"train_loss": round(train_loss, 4), "train_pairs": len(rows), "dropped_pairs": dropped}
+        metrics = {"train_loss": round(train_loss, 4), "train_pairs": len(rows), **fit_metrics}
         metrics.update(trl_reward_metrics(trainer, bool(eval_rows)))
         metrics.update(ctx.gold_metrics(baseline=sft_scores, model=trained.model))
         target = trained.save()

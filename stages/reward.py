@@ -48,8 +48,9 @@ class RewardStage:
         import torch
         from transformers import get_scheduler
 
-        from alignment.algorithms.preference import bradley_terry_loss
-        from alignment.data import check_prompt_lengths, preference_rows
+        from alignment.algorithms.preference import bradley_terry_loss, pairwise_accuracy
+        from alignment.data import preference_rows
+        from alignment.truncation import fit_pairs
         from alignment.io import atomic_write_json
         from reward_models.trained import new_score_head, save_base_reward_model, save_reward_model, sequence_rewards
 
@@ -58,15 +59,23 @@ class RewardStage:
 
         cfg, policy = self.config, ctx.policy
         world, rank = distributed.world_size(), distributed.rank()
-        rows, dropped = preference_rows(cfg.data, cfg.columns, f"stages.{ctx.index}.data", policy.tokenizer)
+        field = f"stages.{ctx.index}.data"
+        rows, identical = preference_rows(cfg.data, cfg.columns, field, policy.tokenizer)
+        # prompts cut from the left to fit max_length with both answers (scored without eos); pairs that cannot fit
+        # or are one token sequence are dropped and counted
+        fitted = fit_pairs(rows, cfg, policy.tokenizer, field, eos=False, already_identical=identical)
+        rows, fit_metrics = fitted.rows, fitted.metrics()
         rng = random.Random(ctx.seed)
         rng.shuffle(rows)
         if cfg.max_samples:
             rows = rows[: cfg.max_samples]
-        check_prompt_lengths(rows, policy.tokenizer, cfg.max_length, cfg.long_prompts, f"stages.{ctx.index}.data")
         eval_source = cfg.eval_data or ("toy:preference_eval" if cfg.data == "toy:preference" else None)
         if eval_source:
-            eval_rows, _ = preference_rows(eval_source, cfg.columns, f"stages.{ctx.index}.eval_data", policy.tokenizer)
+            field = f"stages.{ctx.index}.eval_data"
+            eval_rows, identical = preference_rows(eval_source, cfg.columns, field, policy.tokenizer)
+            eval_fitted = fit_pairs(eval_rows, cfg, policy.tokenizer, field, eos=False, already_identical=identical)
+            eval_rows = eval_fitted.rows
+            fit_metrics.update(eval_fitted.metrics(split="eval_"))
         else:
             n_eval = max(1, int(len(rows) * cfg.eval_fraction))
             eval_rows, rows = rows[:n_eval], rows[n_eval:]
@@ -132,7 +141,7 @@ class RewardStage:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                accuracy = (chosen > rejected).float().mean().item()
+                accuracy = pairwise_accuracy(chosen, rejected)  # ties count half
                 recent = (recent + [(loss.item(), accuracy)])[-50:]
                 if step % ctx.pipeline.logging.log_every == 0 or step == total:
                     ctx.logger.log(step, {"loss": loss.item(), "accuracy": accuracy, "grad_norm": float(grad_norm),
@@ -157,7 +166,7 @@ class RewardStage:
             "train_loss": round(statistics.fmean(x for x, _ in recent), 4),
             "train_accuracy": round(statistics.fmean(a for _, a in recent), 4),
             "train_pairs": len(rows),
-            "dropped_pairs": dropped,
+            **fit_metrics,
             **self._evaluate(eval_rows, rewards, cfg.batch_size),
         }
         with torch.no_grad():
@@ -222,21 +231,27 @@ class RewardStage:
     @staticmethod
     def _evaluate(eval_rows, rewards, batch_size) -> dict[str, float]:
         """eval_accuracy (against the noiseless gold label when the data has one), the noisy-label accuracy, and
-        the "longer answer wins" baseline (against the same labels; ties count half)."""
+        the "longer answer wins" baseline (against the same labels); in all three a tie counts half. tie_rate: the
+        share of pairs whose two rewards are equal."""
         import torch
 
-        chosen_better, longer_wins = [], []
+        from alignment.algorithms.preference import pairwise_accuracy, tie_rate
+
+        chosen, rejected, longer_wins = [], [], []
         with torch.no_grad():
             for i in range(0, len(eval_rows), batch_size):
                 batch = eval_rows[i : i + batch_size]
-                chosen_better += (rewards(batch, "chosen") > rewards(batch, "rejected")).tolist()
+                chosen.append(rewards(batch, "chosen").cpu())
+                rejected.append(rewards(batch, "rejected").cpu())
+        chosen, rejected = torch.cat(chosen), torch.cat(rejected)
         truth = [r.get("gold_chosen_is_better", True) for r in eval_rows]
         for r, t in zip(eval_rows, truth):
             lc, lr = len(r["chosen"].split()), len(r["rejected"].split())
             longer_wins.append(0.5 if lc == lr else float((lc > lr) == t))
         return {
-            "eval_accuracy": round(statistics.fmean(float(c == t) for c, t in zip(chosen_better, truth)), 4),
-            "eval_accuracy_noisy": round(statistics.fmean(float(c) for c in chosen_better), 4),
+            "eval_accuracy": round(pairwise_accuracy(chosen, rejected, torch.tensor(truth)), 4),
+            "eval_accuracy_noisy": round(pairwise_accuracy(chosen, rejected), 4),
+            "tie_rate": round(tie_rate(chosen, rejected), 4),
             "length_baseline_accuracy": round(statistics.fmean(longer_wins), 4),
             "eval_pairs": len(eval_rows),
         }

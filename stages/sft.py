@@ -63,10 +63,8 @@ class SFTStage:
     def run(self, ctx: StageContext) -> StageResult:
         cfg = self.config
         rows, eval_rows, fmt, metrics = self.training_data(ctx)
-        from alignment.data import check_prompt_lengths
-
-        metrics.update(check_prompt_lengths(rows, ctx.policy.tokenizer, cfg.max_length, cfg.long_prompts,
-                                            f"stages.{ctx.index}.data"))
+        rows, eval_rows, fitted = self.fit_rows(ctx, rows, eval_rows, fmt)
+        metrics.update(fitted)
         model = self._prepare_model(ctx)
         trainer = self.build_trainer(ctx, model, rows, eval_rows, fmt)
         from alignment.trainer_hooks import train
@@ -129,6 +127,28 @@ class SFTStage:
             rng.shuffle(rows)
         extra = {"replay_samples": replayed} if cfg.replay else {}
         return rows, task_sft_rows(task.eval), "prompt_completion", extra
+
+    def fit_rows(self, ctx: StageContext, rows: list[dict], eval_rows: list[dict], fmt: str):
+        """(train rows, eval rows, metrics) fitted to ``max_length`` (alignment/truncation.py): prompt/completion rows
+        with each prompt cut from the left to fit with its completion and eos, chat rows with their oldest turns
+        dropped, the rows whose answer cannot fit dropped and counted (``dropped_examples``); long plain-text rows are
+        counted (the trainer keeps their start)."""
+        from alignment.data import check_text_lengths
+        from alignment.truncation import fit_completions, fit_messages
+
+        cfg, tokenizer = self.config, ctx.policy.tokenizer
+        fields = (f"stages.{ctx.index}.data", f"stages.{ctx.index}.{'eval_data' if cfg.eval_data else 'data'}")
+        if fmt == "text":
+            return rows, eval_rows, check_text_lengths(rows, tokenizer, cfg.max_length, cfg.long_prompts, fields[0])
+        metrics, out = {}, []
+        for split, field, data in (("", fields[0], rows), ("eval_", fields[1], eval_rows)):
+            if data:
+                report = (fit_messages(data, tokenizer, cfg.max_length, cfg.long_prompts, cfg.max_dropped_fraction,
+                                       field) if fmt == "messages" else fit_completions(data, cfg, tokenizer, field))
+                metrics.update(report.metrics("examples", split))
+                data = report.rows
+            out.append(data)
+        return out[0], out[1], metrics
 
     @staticmethod
     def task_data(ctx: StageContext, name: str):

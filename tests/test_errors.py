@@ -273,18 +273,27 @@ def preference_pairs_without_signal(tmp, toy_dir, trained):
     return after_trained(tmp, trained, {"kind": "dpo", "data": d, "max_steps": 1})
 
 
-@case("stages.0.data: 1 of 2 prompts are 16 tokens or longer (max_length; the longest has 50)")
+@case("stages.0.data: 1 of 2 prompts do not fit max_length 16 with their answers (the longest prompt has 51 tokens)")
 def prompt_longer_than_max_length(tmp, toy_dir, trained):
     d = data(tmp, "d.jsonl", json.dumps({"prompt": "the food was good . " * 10, "completion": " yes"}) + "\n"
              + json.dumps({"prompt": "short", "completion": " yes"}) + "\n")
     return run(tmp, toy_dir, [sft(data=d, max_length=16, long_prompts="refuse", eval_fraction=0.0)])
 
 
-@case("stages.1.data: 1 of 1 prompts are 16 tokens or longer (max_length; the longest has 50)")
+@case("stages.1.data: 1 of 1 prompts do not fit max_length 16 with their answers (the longest prompt has 51 tokens)")
 def preference_prompt_longer_than_max_length(tmp, toy_dir, trained):
     d = data(tmp, "d.jsonl", json.dumps({"prompt": "the food was good . " * 10, "chosen": " yes", "rejected": " no"}))
     return after_trained(tmp, trained, {"kind": "dpo", "data": d, "max_length": 16, "long_prompts": "refuse",
                                         "eval_fraction": 0.0})
+
+
+@case("stages.1.data: 1 of 2 pairs cannot be trained on at max_length 16 (answer longer than max_length even with "
+      "the prompt cut to its start: 1), more than max_dropped_fraction 0.2; raise `max_length`")
+def too_many_pairs_dropped(tmp, toy_dir, trained):
+    long = " the soup was good" + " and fresh" * 10 + " ."
+    d = data(tmp, "d.jsonl", json.dumps({"prompt": "review of the soup in paris :", "chosen": long, "rejected": " no"})
+             + "\n" + json.dumps({"prompt": "review of the tea in rome :", "chosen": " yes", "rejected": " no"}) + "\n")
+    return after_trained(tmp, trained, {"kind": "dpo", "data": d, "max_length": 16, "eval_fraction": 0.0})
 
 
 # ------------------------------------------------------------------------------------ models and artifacts

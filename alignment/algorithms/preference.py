@@ -20,6 +20,26 @@ def bradley_terry_loss(
     return -F.logsigmoid(chosen_rewards - rejected_rewards - margin).mean()
 
 
-def pairwise_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> float:
-    """Fraction of pairs (B,) where the chosen answer scores strictly higher."""
-    return (chosen_rewards > rejected_rewards).float().mean().item()
+def pairwise_outcomes(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+                      chosen_is_better: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) credit per pair: 1 when the model orders it as the label does, 0 when it orders it the other way, 0.5 for a
+    tie (equal rewards: the model cannot tell the answers apart, which is a coin, not an error).
+
+    chosen_rewards, rejected_rewards: (B,). chosen_is_better: (B,) bool labels (the noiseless truth where the data has
+    one); None: the chosen answer is the better one.
+    """
+    higher = chosen_rewards > rejected_rewards
+    if chosen_is_better is not None:
+        higher = higher == chosen_is_better.to(higher.device)
+    return torch.where(chosen_rewards == rejected_rewards, 0.5, higher.float())
+
+
+def pairwise_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+                      chosen_is_better: torch.Tensor | None = None) -> float:
+    """Mean of ``pairwise_outcomes``: the fraction of pairs (B,) ordered right, ties counting half."""
+    return pairwise_outcomes(chosen_rewards, rejected_rewards, chosen_is_better).mean().item()
+
+
+def tie_rate(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> float:
+    """Fraction of pairs (B,) whose two rewards are equal."""
+    return (chosen_rewards == rejected_rewards).float().mean().item()
