@@ -8,7 +8,7 @@ import re
 from tests.conftest import run_cli
 
 NOISE_ON_CONSOLE = re.compile(
-    r"Loading safetensors checkpoint shards|gemm_4bit_forward|FutureWarning|Triton|TRL currently supports vLLM|global random seed"
+    r"Loading safetensors checkpoint shards|gemm_4bit_forward|FutureWarning|Triton|TRL currently supports vLLM|global random seed|Failed to load weights"
     r"|Writing model shards|it/s\]|s/it\]"
 )
 

@@ -31,19 +31,23 @@ def test_gold_scorer_by_hand():
 
 
 def test_gold_scorer_gives_exploits_no_credit():
-    """The issue's exploits: a repeated adjective counts once; the wrong noun, no sentence, or word salad score 0,
-    at least 0.3 below the proper review with the same adjectives (which scores >= 0.3)."""
+    """The issue's exploits: a repeated adjective counts once in the content and costs the format term (no extra
+    credit: less); the wrong noun, no sentence, or word salad score 0, at least 0.3 below the proper review with the
+    same adjectives (which scores >= 0.3)."""
     p = "review of the soup in paris :"
     once = world.gold_score(p, " the soup was good .").reward  # 0.8 * (0.125 + 0.875 / 3) + 0.2 = 0.53333
     assert round(once, 4) == 0.5333
-    assert world.gold_score(p, " the soup was good good good good .").reward == once
-    assert world.gold_score(p, " the soup was good and good and good .").reward == once
+    for repeated in (" the soup was good good good good .", " the soup was good and good and good ."):
+        s = world.gold_score(p, repeated)
+        assert (round(s.content, 4), s.format, round(s.reward, 4)) == (0.4167, 0.0, 0.3333)  # 0.8 * 0.41667
+    two = world.gold_score(p, " the soup was good and fresh .").reward
+    assert abs(world.gold_score(p, " the soup was good and fresh and good .").reward - (two - 0.2)) < 1e-9  # two's content
     proper = world.gold_score(p, " the soup was good and fresh .").reward
     for wrong in (" the bread was good and fresh .", " good and fresh .", " good good good", " soup good fresh .",
                   " the soup good and fresh .", " the soup was and good ."):
         assert world.gold_score(p, wrong).reward == 0.0, wrong
         assert proper - world.gold_score(p, wrong).reward >= 0.3
-    assert world.gold_score(p, " the soup was bad .").reward == 0.3  # the floor of a proper finished review
+    assert round(world.gold_score(p, " the soup was bad .").reward, 9) == 0.3  # the floor of a proper finished review
 
 
 def test_data_is_deterministic_from_the_seed():
@@ -128,3 +132,30 @@ def test_worlds_differ_and_toy_data_follows_the_run_world():
     with using_world(2):
         assert active_world() == 2
     assert active_world() == 0
+
+
+def test_validate_accepts_toy_worlds_and_names_a_bad_one():
+    from tests.conftest import REPO, run_cli
+
+    proc = run_cli("validate", str(REPO / "configs" / "sft.yaml"), "model=toy:2")
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("validate", str(REPO / "configs" / "sft.yaml"), "model=toy:two")
+    assert proc.returncode == 2 and "unknown toy model 'toy:two'" in proc.stderr and "toy:N" in proc.stderr
+
+
+def test_repeats_appear_only_as_the_worse_half_of_their_own_pairs():
+    """No text of the world repeats an adjective (so the base is not drawn to repeats), except the repeat pairs of the
+    preference data: a distinct positive review against its one-repeat imitation, which the gold ranks lower."""
+    def repeats(text):
+        words = text.split()
+        said = [w for w in words[3: words.index(".")] if w != "and"] if "." in words else []
+        return len(said) != len(set(said))
+
+    assert not any(repeats(t.split(":", 1)[1]) for t in world.pretrain_corpus(0, 3000))
+    assert not any(repeats(r["completion"]) for r in world.sft_pairs(0, 2000))
+    rows = world.preference_pairs(0, 2000)
+    with_repeat = [r for r in rows if repeats(r["chosen"]) or repeats(r["rejected"])]
+    assert 0.2 < len(with_repeat) / len(rows) < 0.35  # REPEAT_PAIRS = 0.25 of the draws (ties among the others are redrawn)
+    for r in with_repeat:
+        assert repeats(r["rejected"]) == r["gold_chosen_is_better"]  # the repeat is the worse one (unless flipped)
+        assert len(r["chosen"].split()) == len(r["rejected"].split())

@@ -4,7 +4,9 @@ Each world (``model: toy:N``) is built (or read from the cache: ``build_s`` is t
 shipped configs run on it unchanged, as the test suite runs them on world 0:
 
     sft, reward, ppo   configs/sft_rm_ppo.yaml      SFT gold, reward-model eval accuracy, PPO gold
+    grpo, rloo         configs/sft_grpo.yaml, sft_rm_rloo.yaml: on that run's SFT and reward model (skipped stages)
     dpo                configs/sft_dpo.yaml          DPO gold (its SFT stage is the same: reused, not retrained)
+    kto, orpo          configs/sft_kto.yaml, sft_orpo.yaml: on that run's SFT
     continual          configs/continual_seq.yaml, continual_ewc.yaml, continual_fusion.yaml: each chain's BWT
 
 The tests' learning-quality thresholds are stated against this table (worlds stand in for the float rounding of
@@ -20,11 +22,13 @@ from pathlib import Path
 
 from alignment.bench.common import Report
 
-RUNS = ("sft", "reward", "ppo", "dpo", "continual")
+RUNS = ("sft", "reward", "ppo", "grpo", "rloo", "dpo", "kto", "orpo", "continual")
+CONTINUES = {"grpo": ("sft_grpo", "sft_rm_ppo"), "rloo": ("sft_rm_rloo", "sft_rm_ppo"), "kto": ("sft_kto", "sft_dpo"),
+             "orpo": ("sft_orpo", "sft_dpo")}  # kind: (its config, the run whose earlier stages it reuses)
 REPO = Path(__file__).resolve().parents[2]
 CONTINUAL = ("seq", "ewc", "fusion")
 COLUMNS = ["world", "build_s", "attempts", "noun_copy", "base_gold", "sft_gold", "rm_eval_accuracy", "ppo_gold",
-           "dpo_gold", "seq_bwt", "ewc_bwt", "fusion_bwt", "seq_final", "ewc_final", "fusion_final", "seconds"]
+           "grpo_gold", "rloo_gold", "dpo_gold", "kto_gold", "orpo_gold", "seq_bwt", "ewc_bwt", "fusion_bwt", "seq_final", "ewc_final", "fusion_final", "seconds"]
 
 
 def _pipeline(config: str, world: int, out: Path, *overrides: str) -> dict:
@@ -46,21 +50,27 @@ def world_row(world: int, runs: list[str], out: Path) -> dict:
     row = {"world": world, "build_s": built["seconds"], "attempts": len(built.get("attempts", [])),
            "noun_copy": built["gate"]["noun_copy"], "base_gold": built["gate"]["gold_reward"]}
     out = out / f"world-{world}"
-    if {"sft", "reward", "ppo"} & set(runs):
-        last = 2 if "ppo" in runs else 1 if "reward" in runs else 0  # the chain up to its last chosen stage
+    if {"sft", "reward", "ppo", "grpo", "rloo"} & set(runs):
+        last = 2 if "ppo" in runs else 1 if {"reward", "grpo", "rloo"} & set(runs) else 0  # up to the last chosen stage
         summary = _run_prefix("sft_rm_ppo", world, out, last + 1)
         row["sft_gold"] = _metric(summary, 0, "gold_reward")
         if last >= 1:
             row["rm_eval_accuracy"] = _metric(summary, 1, "eval_accuracy")
         if last >= 2:
             row["ppo_gold"] = _metric(summary, 2, "gold_reward")
-    if "dpo" in runs:
+    if {"dpo", "kto", "orpo"} & set(runs):
         sft = out / "sft_rm_ppo" / "0-sft"
         if sft.exists():  # the same SFT stage: the pipeline skips it by its fingerprint (retrains if it differs)
             shutil.copytree(sft, out / "sft_dpo" / "0-sft", dirs_exist_ok=True)
-        summary = _pipeline("sft_dpo", world, out)
-        row["dpo_gold"] = _metric(summary, 1, "gold_reward")
+        summary = _pipeline("sft_dpo", world, out) if "dpo" in runs else _run_prefix("sft_dpo", world, out, 1)
+        if "dpo" in runs:
+            row["dpo_gold"] = _metric(summary, 1, "gold_reward")
         row.setdefault("sft_gold", _metric(summary, 0, "gold_reward"))
+    for kind in ("grpo", "rloo", "kto", "orpo"):
+        if kind in runs:  # under the earlier run's name, so its stages are skipped and only this one trains
+            config, earlier = CONTINUES[kind]
+            summary = _pipeline(config, world, out, f"name={earlier}")
+            row[f"{kind}_gold"] = _metric(summary, len(summary["stages"]) - 1, "gold_reward")
     if "continual" in runs:
         for name in CONTINUAL:
             block = _pipeline(f"continual_{name}", world, out)["continual"]

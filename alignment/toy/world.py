@@ -66,6 +66,7 @@ FORMAT_WEIGHT = 0.2
 REVIEW_CONTENT = 0.125  # content of a proper review before its adjectives: with the format, a proper review scores >= 0.3
 ADJECTIVE_NOISE = 0.1  # chance that one adjective of a review has the other polarity
 PRETRAIN_POSITIVE = 0.3  # share of positive adjectives in the pretraining text
+REPEAT_PAIRS = 0.25  # share of preference pairs that contrast a distinct review with its one-repeat imitation
 
 _SALAD = POSITIVE + NEGATIVE + NOUNS + PLACES + NUMBERS + "the was and of in".split() + " ".join(FILLERS).split()
 _SALAD = [w for w in _SALAD if "{" not in w]
@@ -105,17 +106,19 @@ def gold_score(prompt: str, completion: str, finished: bool = True) -> GoldScore
     Only a proper review earns anything: its first sentence (up to the first ``.``) is ``the <prompt's noun> was``
     followed by adjectives. Its content is ``REVIEW_CONTENT`` plus the rest in proportion to the distinct positive
     minus distinct negative adjectives (a repeated adjective counts once), capped at ``MAX_COUNTED``; its format term
-    is 1 when the answer ends with ``.`` within ``GOLD_MAX_WORDS`` words and generation finished. Anything else (the
+    is 1 when the answer ends with ``.`` within ``GOLD_MAX_WORDS`` words, generation finished and the review says no
+    adjective twice (a repeat is no extra credit, and degenerate text: it costs the format). Anything else (the
     wrong noun, no sentence, word salad) scores 0, so it is at least 0.3 below a proper review with the same
     adjectives.
     """
     words = completion.split()
     if "." not in words or not is_review_of(words[: words.index(".")], prompt_noun(prompt)):
         return GoldScore(0.0, 0.0, 0.0)
-    adjectives = set(words[3 : words.index(".")])
+    said = [w for w in words[3 : words.index(".")] if w != "and"]
+    adjectives = set(said)
     sentiment = min(max(len(adjectives & _POSITIVE) - len(adjectives & _NEGATIVE), 0), MAX_COUNTED) / MAX_COUNTED
     content = REVIEW_CONTENT + (1 - REVIEW_CONTENT) * sentiment
-    fmt = float(finished and words[-1] == "." and len(words) <= GOLD_MAX_WORDS)
+    fmt = float(finished and words[-1] == "." and len(words) <= GOLD_MAX_WORDS and len(said) == len(adjectives))
     return GoldScore((1 - FORMAT_WEIGHT) * content + FORMAT_WEIGHT * fmt, content, fmt)
 
 
@@ -134,16 +137,20 @@ def filler(rng: random.Random, noun: str, place: str) -> str:
 
 def make_response(rng: random.Random, noun: str, n_adjectives: int, p_positive: float, filler_rate: float,
                   one_polarity: bool = True, place: str = "paris") -> str:
-    """One review. ``one_polarity``: the review is positive with probability ``p_positive`` and each adjective keeps
-    that polarity except with probability ``ADJECTIVE_NOISE``; otherwise each adjective is drawn on its own (the
-    pretraining text)."""
-    if one_polarity:
-        positive = rng.random() < p_positive
-        adjectives = [rng.choice(POSITIVE if positive != (rng.random() < ADJECTIVE_NOISE) else NEGATIVE)
-                      for _ in range(n_adjectives)]
-    else:
-        adjectives = [rng.choice(POSITIVE) if rng.random() < p_positive else rng.choice(NEGATIVE)
-                      for _ in range(n_adjectives)]
+    """One review, its adjectives all different (no text of the world repeats one: a base model that never saw a
+    repeat is not drawn to them, and repeats are what the gold scorer penalises). ``one_polarity``: the review is
+    positive with probability ``p_positive`` and each adjective keeps that polarity except with probability
+    ``ADJECTIVE_NOISE``; otherwise each adjective is drawn on its own (the pretraining text)."""
+    positive = rng.random() < p_positive
+    adjectives: list[str] = []
+    while len(adjectives) < n_adjectives:
+        if one_polarity:
+            pool = POSITIVE if positive != (rng.random() < ADJECTIVE_NOISE) else NEGATIVE
+        else:
+            pool = POSITIVE if rng.random() < p_positive else NEGATIVE
+        adjective = rng.choice(pool)
+        if adjective not in adjectives:
+            adjectives.append(adjective)
     text = f"the {noun} was " + " and ".join(adjectives) + " ."
     if rng.random() < filler_rate:
         text += " " + filler(rng, noun, place) + " ."
@@ -189,8 +196,11 @@ def sft_pairs(seed: int, n: int) -> list[dict]:
 
 
 def preference_pairs(seed: int, n: int, label_noise: float = 0.1, salt: int = 3) -> list[dict]:
-    """Two answers to one prompt (see ``candidate_response``), ranked by the gold scorer, ``label_noise`` of the
-    labels flipped.
+    """Two answers to one prompt, ranked by the gold scorer, ``label_noise`` of the labels flipped. Three pairs in
+    four are two independent candidates (``candidate_response``); one in four is a *repeat pair*: a positive review
+    of 2-3 distinct adjectives against the same review with one adjective said twice in place of another (same
+    length, same words but one), so repeats are learned as worse than the distinct review they imitate, and never
+    as better than an unrelated answer.
 
     Each row also carries ``gold_chosen_is_better`` (the noiseless label) so evaluations can use the truth.
     """
@@ -200,7 +210,14 @@ def preference_pairs(seed: int, n: int, label_noise: float = 0.1, salt: int = 3)
     while len(rows) < n:
         noun, place = rng.choice(train)
         prompt = make_prompt(noun, place)
-        a, b = (" " + candidate_response(rng, noun, place) for _ in range(2))
+        if rng.random() < REPEAT_PAIRS:
+            said = rng.sample(POSITIVE, rng.randint(2, 3))
+            repeated = list(said)
+            i = rng.randrange(len(said))
+            repeated[i] = said[(i + 1) % len(said)]
+            a, b = (f" the {noun} was " + " and ".join(words) + " ." for words in (said, repeated))
+        else:
+            a, b = (" " + candidate_response(rng, noun, place) for _ in range(2))
         ga, gb = gold_score(prompt, a).reward, gold_score(prompt, b).reward
         if abs(ga - gb) < 1e-9:
             continue
@@ -214,23 +231,14 @@ def preference_pairs(seed: int, n: int, label_noise: float = 0.1, salt: int = 3)
 
 def candidate_response(rng: random.Random, noun: str, place: str = "paris") -> str:
     """An answer for a preference pair: mostly a review of 1-6 adjectives, but also the ways a policy can drift that
-    the gold scorer does not reward: reviews too long to keep the format (7-10 adjectives), adjectives repeated
-    (a quarter of the candidates: 1-3 distinct adjectives said 2-6 times, often run on past the stop), a review of
-    another noun, and word salad. A reward model has seen each of them, so a policy cannot win by them."""
+    the gold scorer does not reward: reviews too long to keep the format (7-10 adjectives), a review of another noun,
+    and word salad (repeated adjectives come in their own pairs: ``preference_pairs``). A reward model has seen each of
+    them, so a policy cannot win by them."""
     kind = rng.random()
-    if kind < 0.45:
+    if kind < 0.7:
         return make_response(rng, noun, rng.randint(1, 6), rng.random(), 0.3, place=place)
-    if kind < 0.55:
-        return make_response(rng, noun, rng.randint(7, 10), rng.random(), 0.3, place=place)
     if kind < 0.8:
-        pool = POSITIVE if rng.random() < 0.7 else NEGATIVE
-        distinct = rng.sample(pool, rng.randint(1, 3))
-        said = distinct + [rng.choice(distinct) for _ in range(rng.randint(1, 4))]
-        rng.shuffle(said)
-        text = f"the {noun} was " + " and ".join(said) + " ."
-        if rng.random() < 0.3:  # and runs on, as a policy that found repeats does
-            text += " " + filler(rng, noun, place) + " and " + " and ".join(said) + " ."
-        return text
+        return make_response(rng, noun, rng.randint(7, 10), rng.random(), 0.3, place=place)
     if kind < 0.9:
         other = rng.choice([n for n in NOUNS if n != noun])
         return make_response(rng, other, rng.randint(1, 4), rng.random(), 0.3, place=place)
