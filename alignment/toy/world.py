@@ -70,6 +70,10 @@ REPEAT_PAIRS = 0.25  # share of preference pairs that contrast a distinct review
 
 _SALAD = POSITIVE + NEGATIVE + NOUNS + PLACES + NUMBERS + "the was and of in".split() + " ".join(FILLERS).split()
 _SALAD = [w for w in _SALAD if "{" not in w]
+# Every review of the world says its adjectives in one fixed (alphabetical) order: what may follow "and" then depends
+# on what was said, so a model learns to continue with a new adjective (a context-free next-adjective distribution
+# makes greedy decoding repeat its favourite one: "tidy and tidy and tidy").
+ADJECTIVE_ORDER = {a: i for i, a in enumerate(sorted(POSITIVE + NEGATIVE))}
 _POSITIVE = frozenset(POSITIVE)
 _NEGATIVE = frozenset(NEGATIVE)
 _ADJECTIVES = _POSITIVE | _NEGATIVE
@@ -151,6 +155,7 @@ def make_response(rng: random.Random, noun: str, n_adjectives: int, p_positive: 
         adjective = rng.choice(pool)
         if adjective not in adjectives:
             adjectives.append(adjective)
+    adjectives.sort(key=ADJECTIVE_ORDER.__getitem__)
     text = f"the {noun} was " + " and ".join(adjectives) + " ."
     if rng.random() < filler_rate:
         text += " " + filler(rng, noun, place) + " ."
@@ -211,10 +216,10 @@ def preference_pairs(seed: int, n: int, label_noise: float = 0.1, salt: int = 3)
         noun, place = rng.choice(train)
         prompt = make_prompt(noun, place)
         if rng.random() < REPEAT_PAIRS:
-            said = rng.sample(POSITIVE, rng.randint(2, 3))
+            said = sorted(rng.sample(POSITIVE, rng.randint(2, 3)), key=ADJECTIVE_ORDER.__getitem__)
             repeated = list(said)
-            i = rng.randrange(len(said))
-            repeated[i] = said[(i + 1) % len(said)]
+            i = rng.randrange(len(said) - 1)
+            repeated[i + 1] = said[i]  # one adjective said twice in place of the next (the order kept)
             a, b = (f" the {noun} was " + " and ".join(words) + " ." for words in (said, repeated))
         else:
             a, b = (" " + candidate_response(rng, noun, place) for _ in range(2))
