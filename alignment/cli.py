@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -67,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     pol.add_argument("--max-new-tokens", type=int, default=24)
     pol.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
     bench = sub.add_parser("bench", help="benchmarks: JSON, markdown table and PNG chart into --out (docs/benchmarks.md)")
-    bench.add_argument("what", choices=("rollout", "sync", "ppo", "memory", "compare-trl"))
+    bench.add_argument("what", choices=("rollout", "sync", "ppo", "memory", "compare-trl", "toy"))
     bench.add_argument("--out", required=True, help="folder for <what>.json, <what>.md, <what>.png (and run folders)")
     bench.add_argument("--size", default="76m", help="random Llama built locally: tiny | 76m | 0.5b (default 76m)")
     bench.add_argument("--repeats", type=int, default=3, help="measured repeats (PPO/TRL: iterations after a warm-up)")
@@ -79,14 +78,17 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--engines", help="rollout, ppo: hf,vllm-merged,vllm-lora; sync: vllm-lora,vllm-merged; "
                        "compare-trl: vllm (default),hf")
     bench.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bf16 on a GPU) | float32 | bfloat16")
-    bench.add_argument("--runs", default="imports,sft,ppo-hf,ppo-vllm,four-copies", help="memory: runs to measure")
+    bench.add_argument("--runs", help="memory: runs to measure (default imports,sft,ppo-hf,ppo-vllm,four-copies); "
+                       "toy: sft,reward,ppo,dpo,continual (default all)")
+    bench.add_argument("--worlds", default="0,1,2,3,4", help="toy: the worlds, one table row each (default 0,1,2,3,4)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("alignment").setLevel(logging.INFO)
+    from alignment.quiet import quiet_console
+
+    quiet_console()  # our lines and real warnings on the console; dependencies' noise only in the run's log.txt
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from alignment.errors import UserError
 
@@ -145,7 +147,7 @@ def _dispatch(args) -> int:
     if args.command == "bench":
         from alignment.bench import Options, run_benchmark
 
-        fields = ("size", "repeats", "threads", "batches", "batch", "new_tokens", "ranks", "engines", "runs", "dtype")
+        fields = ("size", "repeats", "threads", "batches", "batch", "new_tokens", "ranks", "engines", "runs", "dtype", "worlds")
         for path in run_benchmark(args.what, Options(Path(args.out), **{f: getattr(args, f) for f in fields})):
             print(path)
         return 0

@@ -165,6 +165,22 @@ class PipelineConfig(Strict):
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
 
+    @property
+    def toy_world(self) -> int:
+        """The toy world this run's ``toy:`` data comes from: N for ``model: toy:N``, else world 0."""
+        from alignment.toy import world_of
+
+        return world_of(self.model) or 0
+
+    @property
+    def judged_by_toy(self) -> bool:
+        """The gold evaluator judges this run: the model is a toy, or a stage reads toy data (any model)."""
+        from alignment.toy import world_of
+
+        return world_of(self.model) is not None or any(
+            source.startswith("toy:") for stage in self.stages for source in stage.data_sources().values()
+        )
+
     def stage_fingerprint(self, index: int, upstream: str) -> str:
         """Hash of everything that determines a stage's result: its config, the shared settings, its inputs."""
         stage = self.stages[index]
@@ -481,8 +497,12 @@ def check_data_source(value: str) -> str | None:
 def check_model_ref(value: Any) -> str | None:
     if not isinstance(value, str):
         return None  # reported by the type check
-    if value == "toy":
+    from alignment.toy import world_of
+
+    if world_of(value) is not None:
         return None
+    if value.startswith("toy:"):
+        return f"unknown toy model {value!r}; use `toy` (world 0) or `toy:N` with a world number N, e.g. `toy:1`"
     if value.startswith(("/", "./", "../", "~")) or Path(value).expanduser().exists():
         path = Path(value).expanduser()
         if not path.exists():

@@ -32,12 +32,13 @@ TOY_SOURCES = [
 def load_rows(source: str, columns: dict[str, str] | None = None, field: str = "data") -> list[dict[str, Any]]:
     """Rows of ``source`` with ``columns`` renamed (user name -> our name). Raises UserError on any problem."""
     if source.startswith("toy:"):
+        from alignment.toy import active_world
         from alignment.toy.build import ensure_toy
 
         name = source[4:]
         if name not in TOY_SOURCES:
             raise UserError(f"{field}: unknown toy dataset {source!r}; choose one of toy:{', toy:'.join(TOY_SOURCES)}")
-        rows = _read_jsonl(ensure_toy() / "data" / (name.replace("task/", "task_") + ".jsonl"))
+        rows = _read_jsonl(ensure_toy(active_world()) / "data" / (name.replace("task/", "task_") + ".jsonl"))
     else:
         path = Path(source).expanduser()
         if path.is_file():

@@ -72,13 +72,6 @@ def win_rate(ours: list[float], theirs: list[float]) -> float:
     return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs)) / len(ours)
 
 
-def gold_samples(model, tokenizer, n: int = 4, seed: int = 0) -> list[dict]:
-    """A few evaluator prompts with their greedy completions, for logs and reports."""
-    prompts = world.eval_prompts(seed)[:n]
-    completions = generate_greedy(model, tokenizer, prompts, world.GOLD_MAX_NEW_TOKENS)
-    return [{"prompt": p, "completion": c} for p, (c, _) in zip(prompts, completions)]
-
-
 @torch.no_grad()
 def completion_logprobs(model, tokenizer, prompts: list[str], completions: list[str]) -> list[float]:
     """Sum of log-probs of each completion's tokens given its prompt (prompt + completion tokenised together)."""

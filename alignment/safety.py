@@ -18,7 +18,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 def model_folder_problems(ref: str, allow_pickle: bool, trust_remote_code: bool) -> list[str]:
     """Problems of a local model folder, each as ``<field>: ...`` (hub ids are checked when loaded)."""
     path = Path(ref).expanduser()
-    if ref == "toy" or not (path / "config.json").is_file():
+    from alignment.toy import world_of
+
+    if world_of(ref) is not None or not (path / "config.json").is_file():
         return []
     problems = []
     weights = [f for f in path.iterdir() if f.is_file()]

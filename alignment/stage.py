@@ -82,7 +82,8 @@ class StageContext:
 
     @property
     def is_toy(self) -> bool:
-        return self.pipeline.model == "toy"
+        """The toy gold evaluator judges this run (a toy model, or toy data with any model)."""
+        return self.pipeline.judged_by_toy
 
     def artifact(self, name: str) -> Path:
         if name not in self.artifacts:
@@ -111,7 +112,8 @@ class StageContext:
             return {}
         from alignment.evaluation import gold_eval
 
-        return gold_eval(self.policy.model if model is None else model, self.policy.tokenizer, baseline=baseline)
+        return gold_eval(self.policy.model if model is None else model, self.policy.tokenizer, self.pipeline.toy_world,
+                         baseline=baseline)
 
     def task_accuracy(self, model=None) -> dict[str, Any]:
         """Continual chains: ``{"task_accuracy": {task: accuracy}}`` of ``model`` (default: the policy as it is now)
@@ -132,4 +134,4 @@ class StageContext:
             return None
         from alignment.evaluation import gold_scores
 
-        return gold_scores(self.policy.model if model is None else model, self.policy.tokenizer)
+        return gold_scores(self.policy.model if model is None else model, self.policy.tokenizer, self.pipeline.toy_world)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from transformers import ProgressCallback, TrainerCallback
+from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
 from alignment.metrics import MetricsLogger
 
@@ -17,22 +17,16 @@ class _ForwardLogs(TrainerCallback):
             self.logger.log(state.global_step, metrics)
 
 
-class _QuietProgress(ProgressCallback):
-    """The trainer's progress bar without its raw dict printing (our logger prints one line instead)."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        return
-
-
 def trainer_callbacks(logger: MetricsLogger) -> list[TrainerCallback]:
     return [_ForwardLogs(logger)]
 
 
 def use_console_progress(trainer) -> None:
-    """Our console line instead of the trainer's dict printing; in a multi-process run, each rank also reports
-    how many (and which) training examples it saw, when training ends."""
+    """Our console line per logged step instead of the trainer's progress bar and dict printing (a bar is noise in a
+    log file or CI); in a multi-process run, each rank also reports how many (and which) training examples it saw,
+    when training ends."""
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(_QuietProgress())
+    trainer.remove_callback(PrinterCallback)
     recorder = record_shard(trainer)
     if recorder is not None:
         trainer.add_callback(_ReportShard(recorder))
@@ -71,6 +65,7 @@ def trl_args(cfg, ctx) -> dict:
         save_total_limit=2,
         logging_nan_inf_filter=False,  # a NaN loss must reach the guard, not be averaged away
         report_to="none",
+        disable_tqdm=True,  # our MetricsLogger prints one line per logged step
         seed=ctx.seed,
         data_seed=ctx.seed,
         use_cpu=not torch.cuda.is_available(),

@@ -57,14 +57,17 @@ def eval_policy_command(args) -> int:
 
     generator = Generator(args.source)
     policy, result = generator.policy, {}
-    toy = generator.model_ref == "toy" or args.gold
+    from alignment.toy import world_of
+
+    toy = world_of(generator.model_ref) is not None or args.gold
+    toy_world = world_of(generator.model_ref) or 0
     prompts = _prompts(args.prompts) if args.prompts else None
     if prompts is None and (args.reward or args.against):
         if not toy:
             raise UserError("eval policy: --reward/--against need --prompts (a file with a `prompt` column)")
         from alignment.toy import world
 
-        prompts = world.eval_prompts(0)
+        prompts = world.eval_prompts(toy_world)
     completions = generator(prompts, args.max_new_tokens, 0.0) if prompts else []
     reward_model = TrainedRewardModel.load(args.reward) if args.reward else None
     if reward_model is not None:
@@ -74,7 +77,7 @@ def eval_policy_command(args) -> int:
         from alignment.evaluation import gold_eval
 
         with policy.using("policy"):
-            result.update(gold_eval(policy.model, policy.tokenizer))
+            result.update(gold_eval(policy.model, policy.tokenizer, toy_world))
     if args.against:
         other = Generator(args.against)
         theirs = other(prompts, args.max_new_tokens, 0.0)

@@ -98,8 +98,22 @@ def test_pss_is_summed_over_the_process_tree():
     ("ppo", dict(engines="vllm"), "--engines"),
     ("memory", dict(runs="sft,gpu"), "--runs"),
     ("sync", dict(threads=999), "--threads"),
+    ("toy", dict(runs="sft,gpu"), "--runs"),
+    ("toy", dict(worlds="0,-1"), "--worlds"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, what, options, message):
     with pytest.raises(UserError, match=message):
         run_benchmark(what, Options(tmp_path, **options))
     assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_toy_calibration_row(tmp_path, toy_dir):
+    """`alignment bench toy` on world 0, SFT only: one row with the build gate's figures and the SFT gold of the
+    shipped chain's SFT stage (the full table: docs/benchmarks.md)."""
+    paths = run_benchmark("toy", Options(tmp_path, threads=1, worlds="0", runs="sft"))
+    payload = json.loads((tmp_path / "toy.json").read_text())
+    (row,) = payload["rows"]
+    built = json.loads((toy_dir / "world.json").read_text())
+    assert row["world"] == 0 and row["noun_copy"] == built["gate"]["noun_copy"] and row["attempts"] >= 1
+    assert row["sft_gold"] > row["base_gold"] and "ppo_gold" not in row
+    assert (tmp_path / "toy.md").read_text().startswith("# ") and tmp_path / "toy.md" in paths

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from alignment.config import config_from_dict
 from alignment.errors import ConfigError
 from alignment.pipeline import Pipeline
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, expect_gain, run_cli
 
 FAST = {"max_steps": 40, "batch_size": 8, "learning_rate": 2.0e-3}
 CONTINUAL = {"evaluate": "all", "eval_samples": 48}
@@ -52,12 +52,14 @@ def test_continual_block_in_summary(seq_run):
     assert block["bwt"] == pytest.approx(acc[1][0] - acc[0][0], abs=1e-4)
     assert block["fwt"] == pytest.approx(acc[0][1] - base[1], abs=1e-4)
     assert block["avg_acc"] == pytest.approx((acc[1][0] + acc[1][1]) / 2, abs=1e-4)
-    assert acc[0][0] > base[0] + 0.2  # 40 steps are enough to learn the sentiment task well above the base model
+    # on toy v15, 40 steps learned the sentiment task well above the base model; toy v16's tasks are not calibrated
+    # yet (issue 19, item 5), so the target xfails with its figures while unmet (after the summary contract below)
     # the rest of the summary contract is unchanged
     assert [s["status"] for s in summary["stages"]] == ["done", "done"] and "base_gold_reward" in summary
     assert summary["stages"][0]["task_accuracy"] == {"sentiment": acc[0][0], "topic": acc[0][1]}
     assert summary["stages"][1]["metrics"]["replay_samples"] == 60  # 5 % of sentiment's 1200 training rows
     assert json.loads((run_dir / "summary.json").read_text())["continual"] == block
+    expect_gain(acc[0][0], base[0], 0.2, "sentiment accuracy after 40 steps over the base model")
     assert (run_dir / "continual.md").read_text().count("|") > 10
     assert (run_dir / "continual.png").read_bytes()[:4] == b"\x89PNG"
     assert set(json.loads((run_dir / "continual_base.json").read_text())["accuracy"]) == {"sentiment", "topic"}

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, expect_gain, run_cli
 
 
 def _continue(run_dir, tmp_path, config: str, *overrides: str) -> dict:
@@ -36,13 +36,12 @@ def test_critic_free_stages_raise_the_learned_reward_with_vllm(ppo_run, tmp_path
     lines = [json.loads(x) for x in (tmp_path / run_dir.name / f"2-{kind}" / "metrics.jsonl").read_text().splitlines()]
     first, last = [x["reward"] for x in lines[:10]], [x["reward"] for x in lines[-10:]]
     assert sum(last) / 10 > sum(first) / 10 + 0.3  # the learned reward rises (measured ~0.0 -> ~0.5)
-    # gold follows the learned reward: the target is +0.20 over SFT (toy v15 measured 0.551 -> 0.939 GRPO,
-    # 0.906 RLOO; the README has the current figures)
-    sft = summary["stages"][0]["metrics"]
-    assert m["gold_reward"] >= sft["gold_reward"] + 0.20 and m["gold_content"] > sft["gold_content"]
     for key in ("reward", "kl", "kl_loss", "entropy", "approx_kl", "clipfrac", "reward_std_in_group", "time_generate"):
         assert key in lines[-1], key
     assert "value" not in stage["artifacts"]  # no critic
+    # gold follows the learned reward: the target is +0.20 over SFT (toy v15: 0.551 -> 0.939 GRPO, 0.906 RLOO)
+    sft = summary["stages"][0]["metrics"]
+    expect_gain(m["gold_reward"], sft["gold_reward"], 0.20, f"{kind.upper()} gold over SFT")
 
 
 def test_grpo_is_one_override_away_from_ppo():
@@ -75,11 +74,11 @@ def test_offline_objectives(dpo_run, tmp_path, kind):
     summary = _continue(run_dir, tmp_path, f"sft_{kind}.yaml")
     sft, stage = summary["stages"][0]["metrics"], summary["stages"][1]
     assert stage["kind"] == kind and stage["artifacts"]["policy"] == f"1-{kind}/adapters/policy"
-    m = stage["metrics"]  # toy v14: 0.442 -> 0.884 (ORPO), 0.880 (KTO)
-    assert m["gold_reward"] >= sft["gold_reward"] + 0.10 and m["gold_content"] > sft["gold_content"]
+    m = stage["metrics"]
     if kind == "kto":  # TRL's frozen `ref` is still exactly the SFT adapter
         assert m["reference_max_abs_diff"] == 0.0
         assert m["train_desirable"] == m["train_undesirable"] == 1900
+    expect_gain(m["gold_reward"], sft["gold_reward"], 0.10, f"{kind.upper()} gold over SFT")  # toy v14: 0.44 -> 0.88
 
 
 def test_kto_takes_unpaired_rows_and_names_bad_labels(tmp_path):

@@ -119,9 +119,11 @@ def test_gradient_checkpointing_saves_fewer_activations_and_gives_the_same_gradi
 
     layers = [m for m in policy.base.modules() if isinstance(m, GradientCheckpointingLayer)]
     assert layers and not any(m.training for m in layers)  # eval again after the block
+    # generation with the KV cache works again after the block (min_new_tokens: where the toy stops does not matter)
     with torch.no_grad():
-        out = policy.model.generate(input_ids=ids[:1, :5], max_new_tokens=3, do_sample=False)
-    assert out.shape[1] == 8
+        cached, uncached = (policy.model.generate(input_ids=ids[:1, :5], max_new_tokens=3, min_new_tokens=3,
+                                                  do_sample=False, use_cache=c) for c in (True, False))
+    assert cached.shape[1] == 8 and torch.equal(cached, uncached)
 
 
 def test_half_precision_base_runs_adapters_under_autocast(toy_dir):

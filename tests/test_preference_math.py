@@ -55,7 +55,7 @@ def test_normalisation_running_and_fixed():
 
 def test_composite_and_toy_gold():
     gold = ToyGoldReward().score(["review of the soup in paris :"], [" the soup was good and fresh ."])
-    assert gold.tolist() == pytest.approx([0.78667], abs=1e-5)  # 0.8 * (0.2 noun + 0.8 * 2/3) + 0.2 format
+    assert gold.tolist() == pytest.approx([0.76667], abs=1e-5)  # 0.8 * (0.125 review + 0.875 * 2/3) + 0.2 format
     both = Composite([(1.0, RuleReward("tests.test_preference_math:length_reward")), (2.0, ToyGoldReward())])
     assert both.score(["review of the soup in paris :"] * 2, [" the soup was good .", " the soup was bad ."]).shape == (2,)
 

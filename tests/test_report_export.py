@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 
@@ -15,7 +16,8 @@ PROMPTS = world.eval_prompts(0)[:8]
 def test_every_run_writes_a_report(sft_run):
     _, _, run_dir = sft_run
     md = (run_dir / "report.md").read_text()
-    assert "| 0 | sft | done |" in md and "gold_reward" in md and "## Resolved config" in md
+    # the session's SFT run folder: a later test on the same worker may have re-run it (then the stage is skipped)
+    assert re.search(r"\| 0 \| sft \| (done|skipped) \|", md) and "gold_reward" in md and "## Resolved config" in md
     plots = sorted((run_dir / "plots").glob("*.png"))
     assert plots and all(p.stat().st_size > 1000 for p in plots)
     html = (run_dir / "report.html").read_text()

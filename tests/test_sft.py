@@ -72,3 +72,15 @@ def test_rerun_from_cli_skips_everything(sft_run):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [s["status"] for s in summary["stages"]] == ["skipped"]
     assert "unchanged since its last run: skipped" in proc.stderr
+
+
+def test_toy_data_with_any_checkpoint_is_judged_by_the_gold_evaluator(toy_dir, tmp_path):
+    """`model: <a folder>` with `toy:` data: the run reports base and stage gold, as for `model: toy`. The folder here
+    holds the toy base itself, so its base gold is the toy base's (the build gate's figure on the same prompts)."""
+    from alignment.pipeline import Pipeline
+
+    summary = Pipeline.from_yaml(REPO / "configs" / "sft.yaml", [f"model={toy_dir / 'model'}", f"output_dir={tmp_path}",
+                                                                 "stages.0.max_steps=5"]).run()
+    gate = json.loads((toy_dir / "world.json").read_text())["gate"]
+    assert summary["base_gold_reward"] == gate["gold_reward"]
+    assert {"gold_reward", "gold_content", "gold_format"} <= set(summary["stages"][0]["metrics"])

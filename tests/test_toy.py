@@ -15,17 +15,39 @@ VLLM_CPU_HEAD_SIZES = {32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512}
 
 def test_gold_scorer_by_hand():
     p = "review of the soup in paris :"
-    # noun (0.2) + (2 positive - 0 negative)/3 * 0.8 = 0.7333 content; format 1 -> 0.8*0.7333 + 0.2 = 0.78667
+    # a proper review: content 0.125 + (2 distinct positive - 0 negative)/3 * 0.875 = 0.70833; format 1
+    # reward 0.8 * 0.70833 + 0.2 = 0.76667
     s = world.gold_score(p, " the soup was good and fresh .")
-    assert (round(s.content, 4), s.format, round(s.reward, 4)) == (0.7333, 1.0, 0.7867)
+    assert (round(s.content, 4), s.format, round(s.reward, 4)) == (0.7083, 1.0, 0.7667)
     # negatives cancel positives; the second sentence is not counted; unfinished loses the format term
     s = world.gold_score(p, " the soup was good and bad . it was a nice day .", finished=False)
-    assert (round(s.content, 6), s.format) == (0.2, 0.0)
-    # more than MAX_COUNTED positives earn nothing more; too long loses the format
-    many = " the soup was " + " and ".join(["good"] * 9) + " ."
+    assert (s.content, s.format, s.reward) == (0.125, 0.0, 0.1)
+    # more than MAX_COUNTED distinct positives earn nothing more; too long (> 20 words) loses the format
+    many = " the soup was " + " and ".join(world.POSITIVE[:9]) + " ."
     s = world.gold_score(p, many)
     assert s.content == 1.0 and s.format == 0.0 and abs(s.reward - 0.8) < 1e-9
-    assert round(world.gold_score(p, " the bread was good .").content, 4) == 0.2667  # no noun: 0.8 * 1/3
+    # three distinct positives: the top of the scale
+    assert world.gold_score(p, " the soup was good and fresh and tasty .").reward == 1.0
+
+
+def test_gold_scorer_gives_exploits_no_credit():
+    """The issue's exploits: a repeated adjective counts once in the content and costs the format term (no extra
+    credit: less); the wrong noun, no sentence, or word salad score 0, at least 0.3 below the proper review with the
+    same adjectives (which scores >= 0.3)."""
+    p = "review of the soup in paris :"
+    once = world.gold_score(p, " the soup was good .").reward  # 0.8 * (0.125 + 0.875 / 3) + 0.2 = 0.53333
+    assert round(once, 4) == 0.5333
+    for repeated in (" the soup was good good good good .", " the soup was good and good and good ."):
+        s = world.gold_score(p, repeated)
+        assert (round(s.content, 4), s.format, round(s.reward, 4)) == (0.4167, 0.0, 0.3333)  # 0.8 * 0.41667
+    two = world.gold_score(p, " the soup was good and fresh .").reward
+    assert abs(world.gold_score(p, " the soup was good and fresh and good .").reward - (two - 0.2)) < 1e-9  # two's content
+    proper = world.gold_score(p, " the soup was good and fresh .").reward
+    for wrong in (" the bread was good and fresh .", " good and fresh .", " good good good", " soup good fresh .",
+                  " the soup good and fresh .", " the soup was and good ."):
+        assert world.gold_score(p, wrong).reward == 0.0, wrong
+        assert proper - world.gold_score(p, wrong).reward >= 0.3
+    assert round(world.gold_score(p, " the soup was bad .").reward, 9) == 0.3  # the floor of a proper finished review
 
 
 def test_data_is_deterministic_from_the_seed():
@@ -61,8 +83,8 @@ def test_preference_labels_follow_gold_with_noise():
 
 
 def test_toy_build_is_deterministic(tmp_path):
-    a = ensure_toy(seed=0, pretrain_steps=3, root=tmp_path / "a")
-    b = ensure_toy(seed=0, pretrain_steps=3, root=tmp_path / "b")
+    a = ensure_toy(seed=0, pretrain_steps=3, root=tmp_path / "a", gate=False)  # 3 steps: no gate to pass
+    b = ensure_toy(seed=0, pretrain_steps=3, root=tmp_path / "b", gate=False)
     wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert (a / "model" / "tokenizer.json").read_text() == (b / "model" / "tokenizer.json").read_text()
@@ -72,7 +94,7 @@ def test_toy_build_is_deterministic(tmp_path):
 def test_cached_toy_model_shape(toy_dir):
     config = json.loads((toy_dir / "model" / "config.json").read_text())
     assert config["model_type"] == "llama"
-    assert config["hidden_size"] // config["num_attention_heads"] in VLLM_CPU_HEAD_SIZES
+    assert config["head_dim"] in VLLM_CPU_HEAD_SIZES
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(toy_dir / "model")
@@ -81,3 +103,59 @@ def test_cached_toy_model_shape(toy_dir):
     assert tok.decode(ids, skip_special_tokens=True) == "review of the soup in paris :"
     for name in ("sft", "preference", "prompts", "task_sentiment", "task_topic", "task_number"):
         assert (toy_dir / "data" / f"{name}.jsonl").stat().st_size > 0
+
+
+def test_the_built_base_passed_its_gate(toy_dir):
+    """world.json records the gate's figures on the held-out prompts: the base copies the prompt's noun, answers
+    differently to different prompts, and writes proper reviews that lean negative."""
+    from alignment.toy.build import GATE_DISTINCT, GATE_GOLD, GATE_NOUN_COPY, gate_failures
+
+    built = json.loads((toy_dir / "world.json").read_text())
+    gate = built["gate"]
+    assert gate["noun_copy"] >= GATE_NOUN_COPY and gate["distinct_answers"] >= GATE_DISTINCT
+    assert GATE_GOLD[0] <= gate["gold_reward"] <= GATE_GOLD[1] and gate_failures(gate) == []
+    assert built["attempts"][-1]["noun_copy"] == gate["noun_copy"]
+
+
+def test_gate_failures_name_the_figures():
+    from alignment.toy.build import gate_failures
+
+    failures = gate_failures({"noun_copy": 0.1, "distinct_answers": 0.02, "gold_reward": 0.05})
+    assert failures == ["noun_copy 0.1 < 0.9", "distinct_answers 0.02 < 0.5", "gold_reward 0.05 outside (0.2, 0.4)"]
+
+
+def test_worlds_differ_and_toy_data_follows_the_run_world():
+    from alignment.toy import active_world, using_world, world_of
+
+    assert (world_of("toy"), world_of("toy:3"), world_of("gpt2"), world_of("toy:x")) == (0, 3, None, None)
+    assert world.eval_prompts(0) != world.eval_prompts(1) and world.sft_pairs(0, 20) != world.sft_pairs(2, 20)
+    with using_world(2):
+        assert active_world() == 2
+    assert active_world() == 0
+
+
+def test_validate_accepts_toy_worlds_and_names_a_bad_one():
+    from tests.conftest import REPO, run_cli
+
+    proc = run_cli("validate", str(REPO / "configs" / "sft.yaml"), "model=toy:2")
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("validate", str(REPO / "configs" / "sft.yaml"), "model=toy:two")
+    assert proc.returncode == 2 and "unknown toy model 'toy:two'" in proc.stderr and "toy:N" in proc.stderr
+
+
+def test_repeats_appear_only_as_the_worse_half_of_their_own_pairs():
+    """No text of the world repeats an adjective (so the base is not drawn to repeats), except the repeat pairs of the
+    preference data: a distinct positive review against its one-repeat imitation, which the gold ranks lower."""
+    def repeats(text):
+        words = text.split()
+        said = [w for w in words[3: words.index(".")] if w != "and"] if "." in words else []
+        return len(said) != len(set(said))
+
+    assert not any(repeats(t.split(":", 1)[1]) for t in world.pretrain_corpus(0, 3000))
+    assert not any(repeats(r["completion"]) for r in world.sft_pairs(0, 2000))
+    rows = world.preference_pairs(0, 2000)
+    with_repeat = [r for r in rows if repeats(r["chosen"]) or repeats(r["rejected"])]
+    assert 0.2 < len(with_repeat) / len(rows) < 0.35  # REPEAT_PAIRS = 0.25 of the draws (ties among the others are redrawn)
+    for r in with_repeat:
+        assert repeats(r["rejected"]) == r["gold_chosen_is_better"]  # the repeat is the worse one (unless flipped)
+        assert len(r["chosen"].split()) == len(r["rejected"].split())

@@ -7,6 +7,7 @@ DIR/<what>.md and DIR/<what>.png (medians of repeats, min..max, spread, load ave
     memory       peak PSS of SFT, PPO (HF / vLLM engine), each with and without gradient checkpointing, and a
                  four-model-copies baseline
     compare-trl  samples/s of our PPO/GRPO/RLOO against TRL's GRPOTrainer and RLOOTrainer
+    toy          the toy world's calibration: per world, the base's gate figures and the shipped configs' results
 
 Benchmarks print figures; no test asserts a speed. docs/benchmarks.md holds the latest figures.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from alignment.errors import UserError
 
-BENCHMARKS = ("rollout", "sync", "ppo", "memory", "compare-trl")
+BENCHMARKS = ("rollout", "sync", "ppo", "memory", "compare-trl", "toy")
 ENGINES = ("hf", "vllm-merged", "vllm-lora")
 ENGINE_CHOICES = {"rollout": ENGINES, "sync": ENGINES[1:], "ppo": ENGINES, "compare-trl": ("vllm", "hf")}
 DEFAULT_ENGINES = {"compare-trl": "vllm"}  # others: every choice
@@ -38,17 +39,19 @@ class Options:
     new_tokens: int | None = None  # None: the benchmark's default
     ranks: str = "8,16,64"
     engines: str | None = None  # None: the benchmark's default
-    runs: str = ",".join(MEMORY_RUNS)  # memory only
+    runs: str | None = None  # memory (default MEMORY_RUNS) and toy (default every run)
+    worlds: str = "0,1,2,3,4"  # toy only
     dtype: str = "auto"  # auto: float32 on CPU (bf16 matmuls are slow without AVX512-BF16/AMX), bf16 on a GPU
 
 
-def _ints(text: str, option: str) -> list[int]:
+def _ints(text: str, option: str, minimum: int = 1) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         values = []
-    if not values or min(values) < 1:
-        raise UserError(f"bench {option}: {text!r} is not a comma-separated list of positive integers, e.g. 8,32,64")
+    if not values or min(values) < minimum:
+        kind = "positive integers, e.g. 8,32,64" if minimum == 1 else "integers from 0, e.g. 0,1,2"
+        raise UserError(f"bench {option}: {text!r} is not a comma-separated list of {kind}")
     return values
 
 
@@ -77,8 +80,13 @@ def run_benchmark(what: str, options: Options) -> list[Path]:
     threads = options.threads or cores
     if not 1 <= threads <= cores:
         raise UserError(f"bench --threads: {options.threads} is outside 1..{cores} (this machine's free cores)")
-    if what == "memory":
-        engines = _choose(what, "--runs", options.runs, MEMORY_RUNS)
+    if what == "toy":
+        from alignment.bench import toy
+
+        engines = _choose(what, "--runs", options.runs or ",".join(toy.RUNS), toy.RUNS)
+        worlds = _ints(options.worlds, "--worlds", minimum=0)
+    elif what == "memory":
+        engines = _choose(what, "--runs", options.runs or ",".join(MEMORY_RUNS), MEMORY_RUNS)
     else:
         choices = ENGINE_CHOICES[what]
         engines = _choose(what, "--engines", options.engines or DEFAULT_ENGINES.get(what, ",".join(choices)), choices)
@@ -86,7 +94,9 @@ def run_benchmark(what: str, options: Options) -> list[Path]:
     if options.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UserError(f"bench --dtype: {options.dtype!r}; choose auto, float32, bfloat16 or float16")
     bench = Bench(options.out, options.size, options.repeats, threads, options.dtype)
-    if what == "rollout":
+    if what == "toy":
+        report = toy.run(bench, worlds, engines)
+    elif what == "rollout":
         from alignment.bench import rollout
 
         report = rollout.run(bench, _ints(options.batches, "--batches"), options.new_tokens or 128, engines)

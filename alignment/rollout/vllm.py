@@ -83,6 +83,7 @@ class VLLMEngine:
                 enforce_eager=not torch.cuda.is_available(),
                 logprobs_mode="processed_logprobs",
                 enable_sleep_mode=self.sleeps,
+                use_tqdm_on_load=False,  # else every merged sync prints a shard-loading progress bar
             )
         except Exception as e:  # vLLM raises many types at start-up; all mean "cannot start here"
             shutil.rmtree(self.scratch, ignore_errors=True)

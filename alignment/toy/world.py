@@ -38,39 +38,51 @@ PLACES = (
     "sydney boston denver austin miami accra nairobi hanoi manila bogota riga sofia porto malmo"
 ).split()
 NUMBERS = "one two three four five six seven eight nine".split()
+# Second sentences. Several repeat the prompt's place or noun: more to copy from the prompt makes the base model learn
+# copying early and robustly; the food and other fillers give food nouns a feature the base model knows (the topic
+# task reads it).
 FILLERS = [
     "we went there on monday",
     "i will come back",
     "it was a long day",
     "my friend came with me",
-    "we stayed for an hour",
-    "i paid with cash",
     "it was my first visit",
     "we went there on friday",
-    "i ate {number} of them",
     "we were {number} people",
+    "we went to {place} on monday",
+    "i will come back to {place}",
+    "it was my first visit to {place}",
 ]
+FOOD_FILLERS = ["i ate {number} of them", "i had the {noun} for lunch", "we ate the {noun} in {place}"]
+OTHER_FILLERS = ["we stayed for an hour", "i paid with cash", "i used the {noun} every day"]
 # Words the continual-learning tasks and the default chat template need.
 TASK_WORDS = "question is the review positive ? about food does it mention a number above five answer yes no".split()
 CHAT_WORDS = "user assistant system : \n".split()
 
 GOLD_MAX_WORDS = 20  # a response longer than this (in words) loses the format term
 GOLD_MAX_NEW_TOKENS = 24  # generation budget of the shared gold evaluator
-MAX_COUNTED = 3  # (positive - negative) adjectives beyond this earn nothing more
+MAX_COUNTED = 3  # distinct (positive - negative) adjectives beyond this earn nothing more
 FORMAT_WEIGHT = 0.2
-NOUN_WEIGHT = 0.2  # share of the content term for mentioning the prompt's noun
+REVIEW_CONTENT = 0.125  # content of a proper review before its adjectives: with the format, a proper review scores >= 0.3
 ADJECTIVE_NOISE = 0.1  # chance that one adjective of a review has the other polarity
+PRETRAIN_POSITIVE = 0.3  # share of positive adjectives in the pretraining text
+REPEAT_PAIRS = 0.25  # share of preference pairs that contrast a distinct review with its one-repeat imitation
 
 _SALAD = POSITIVE + NEGATIVE + NOUNS + PLACES + NUMBERS + "the was and of in".split() + " ".join(FILLERS).split()
 _SALAD = [w for w in _SALAD if "{" not in w]
+# Every review of the world says its adjectives in one fixed (alphabetical) order: what may follow "and" then depends
+# on what was said, so a model learns to continue with a new adjective (a context-free next-adjective distribution
+# makes greedy decoding repeat its favourite one: "tidy and tidy and tidy").
+ADJECTIVE_ORDER = {a: i for i, a in enumerate(sorted(POSITIVE + NEGATIVE))}
 _POSITIVE = frozenset(POSITIVE)
 _NEGATIVE = frozenset(NEGATIVE)
+_ADJECTIVES = _POSITIVE | _NEGATIVE
 
 
 @dataclass(frozen=True)
 class GoldScore:
     reward: float  # in [0, 1]: (1 - FORMAT_WEIGHT) * content + FORMAT_WEIGHT * format
-    content: float  # in [0, 1]
+    content: float  # in [0, 1]: 0 unless the answer is a proper review of the prompt's noun
     format: float  # 0 or 1
 
 
@@ -83,18 +95,34 @@ def prompt_noun(prompt: str) -> str | None:
     return None
 
 
+def is_review_of(sentence: list[str], noun: str | None) -> bool:
+    """``the <noun> was <adjective> [and] <adjective> ...``: the prompt's noun, then only adjectives (joined by
+    ``and`` or not), starting and ending with one."""
+    if noun is None or sentence[:3] != ["the", noun, "was"] or len(sentence) < 4:
+        return False
+    tail = sentence[3:]
+    return tail[0] in _ADJECTIVES and tail[-1] in _ADJECTIVES and all(w in _ADJECTIVES or w == "and" for w in tail)
+
+
 def gold_score(prompt: str, completion: str, finished: bool = True) -> GoldScore:
-    """The hidden gold scorer. ``finished`` is False when generation hit its token limit without ending."""
+    """The hidden gold scorer. ``finished`` is False when generation hit its token limit without ending.
+
+    Only a proper review earns anything: its first sentence (up to the first ``.``) is ``the <prompt's noun> was``
+    followed by adjectives. Its content is ``REVIEW_CONTENT`` plus the rest in proportion to the distinct positive
+    minus distinct negative adjectives (a repeated adjective counts once), capped at ``MAX_COUNTED``; its format term
+    is 1 when the answer ends with ``.`` within ``GOLD_MAX_WORDS`` words, generation finished and the review says no
+    adjective twice (a repeat is no extra credit, and degenerate text: it costs the format). Anything else (the
+    wrong noun, no sentence, word salad) scores 0, so it is at least 0.3 below a proper review with the same
+    adjectives.
+    """
     words = completion.split()
-    first_sentence = words[: words.index(".")] if "." in words else words
-    positive = sum(w in _POSITIVE for w in first_sentence)
-    negative = sum(w in _NEGATIVE for w in first_sentence)
-    sentiment = min(max(positive - negative, 0), MAX_COUNTED) / MAX_COUNTED
-    noun = prompt_noun(prompt)
-    mentions = float(noun is not None and noun in first_sentence)
-    content = NOUN_WEIGHT * mentions + (1 - NOUN_WEIGHT) * sentiment
-    well_formed = finished and bool(words) and words[-1] == "." and len(words) <= GOLD_MAX_WORDS
-    fmt = float(well_formed)
+    if "." not in words or not is_review_of(words[: words.index(".")], prompt_noun(prompt)):
+        return GoldScore(0.0, 0.0, 0.0)
+    said = [w for w in words[3 : words.index(".")] if w != "and"]
+    adjectives = set(said)
+    sentiment = min(max(len(adjectives & _POSITIVE) - len(adjectives & _NEGATIVE), 0), MAX_COUNTED) / MAX_COUNTED
+    content = REVIEW_CONTENT + (1 - REVIEW_CONTENT) * sentiment
+    fmt = float(finished and words[-1] == "." and len(words) <= GOLD_MAX_WORDS and len(said) == len(adjectives))
     return GoldScore((1 - FORMAT_WEIGHT) * content + FORMAT_WEIGHT * fmt, content, fmt)
 
 
@@ -105,21 +133,32 @@ def make_prompt(noun: str, place: str) -> str:
     return f"review of the {noun} in {place} :"
 
 
-def make_response(rng: random.Random, noun: str, n_adjectives: int, p_positive: float, filler: float,
-                  one_polarity: bool = True) -> str:
-    """One review. ``one_polarity``: the review is positive with probability ``p_positive`` and each adjective keeps
-    that polarity except with probability ``ADJECTIVE_NOISE``; otherwise each adjective is drawn on its own (the
-    pretraining text)."""
-    if one_polarity:
-        positive = rng.random() < p_positive
-        adjectives = [rng.choice(POSITIVE if positive != (rng.random() < ADJECTIVE_NOISE) else NEGATIVE)
-                      for _ in range(n_adjectives)]
-    else:
-        adjectives = [rng.choice(POSITIVE) if rng.random() < p_positive else rng.choice(NEGATIVE)
-                      for _ in range(n_adjectives)]
+def filler(rng: random.Random, noun: str, place: str) -> str:
+    """A second sentence for a review of ``noun`` in ``place``."""
+    choices = FILLERS + (FOOD_FILLERS if noun in FOOD_NOUNS else OTHER_FILLERS)
+    return rng.choice(choices).format(number=rng.choice(NUMBERS), noun=noun, place=place)
+
+
+def make_response(rng: random.Random, noun: str, n_adjectives: int, p_positive: float, filler_rate: float,
+                  one_polarity: bool = True, place: str = "paris") -> str:
+    """One review, its adjectives all different (no text of the world repeats one: a base model that never saw a
+    repeat is not drawn to them, and repeats are what the gold scorer penalises). ``one_polarity``: the review is
+    positive with probability ``p_positive`` and each adjective keeps that polarity except with probability
+    ``ADJECTIVE_NOISE``; otherwise each adjective is drawn on its own (the pretraining text)."""
+    positive = rng.random() < p_positive
+    adjectives: list[str] = []
+    while len(adjectives) < n_adjectives:
+        if one_polarity:
+            pool = POSITIVE if positive != (rng.random() < ADJECTIVE_NOISE) else NEGATIVE
+        else:
+            pool = POSITIVE if rng.random() < p_positive else NEGATIVE
+        adjective = rng.choice(pool)
+        if adjective not in adjectives:
+            adjectives.append(adjective)
+    adjectives.sort(key=ADJECTIVE_ORDER.__getitem__)
     text = f"the {noun} was " + " and ".join(adjectives) + " ."
-    if rng.random() < filler:
-        text += " " + rng.choice(FILLERS).format(number=rng.choice(NUMBERS)) + " ."
+    if rng.random() < filler_rate:
+        text += " " + filler(rng, noun, place) + " ."
     return text
 
 
@@ -135,15 +174,16 @@ def split_prompt_pairs(seed: int, n_eval: int = 128) -> tuple[list[tuple[str, st
 
 
 def pretrain_corpus(seed: int, n: int) -> list[str]:
-    """Full reviews (prompt + completion), adjectives drawn one by one (40 % positive), 1-3 of them. The base model
-    (and so the continual-learning results) is the one of toy v9: only the SFT and preference data changed since."""
+    """Full reviews (prompt + completion), adjectives drawn one by one (``PRETRAIN_POSITIVE`` positive), 1-3 of them:
+    the base model writes proper reviews of the prompt's noun that lean negative."""
     rng = random.Random(seed * 7919 + 1)
     train, _ = split_prompt_pairs(seed)
     texts = []
     for _ in range(n):
         noun, place = rng.choice(train)
         k = rng.choice([1, 2, 2, 3])
-        texts.append(make_prompt(noun, place) + " " + make_response(rng, noun, k, 0.4, 0.6, one_polarity=False))
+        response = make_response(rng, noun, k, PRETRAIN_POSITIVE, 0.6, one_polarity=False, place=place)
+        texts.append(make_prompt(noun, place) + " " + response)
     return texts
 
 
@@ -155,14 +195,17 @@ def sft_pairs(seed: int, n: int) -> list[dict]:
     for _ in range(n):
         noun, place = rng.choice(train)
         k = rng.choices([1, 2, 3], weights=[0.6, 0.25, 0.15])[0]
-        completion = " " + make_response(rng, noun, k, 0.8, 0.3)  # leading space: trainers concatenate strings
+        completion = " " + make_response(rng, noun, k, 0.8, 0.3, place=place)  # leading space: trainers concatenate strings
         rows.append({"prompt": make_prompt(noun, place), "completion": completion})
     return rows
 
 
 def preference_pairs(seed: int, n: int, label_noise: float = 0.1, salt: int = 3) -> list[dict]:
-    """Two answers to one prompt (see ``candidate_response``), ranked by the gold scorer, ``label_noise`` of the
-    labels flipped.
+    """Two answers to one prompt, ranked by the gold scorer, ``label_noise`` of the labels flipped. Three pairs in
+    four are two independent candidates (``candidate_response``); one in four is a *repeat pair*: a positive review
+    of 2-3 distinct adjectives against the same review with one adjective said twice in place of another (same
+    length, same words but one), so repeats are learned as worse than the distinct review they imitate, and never
+    as better than an unrelated answer.
 
     Each row also carries ``gold_chosen_is_better`` (the noiseless label) so evaluations can use the truth.
     """
@@ -172,7 +215,14 @@ def preference_pairs(seed: int, n: int, label_noise: float = 0.1, salt: int = 3)
     while len(rows) < n:
         noun, place = rng.choice(train)
         prompt = make_prompt(noun, place)
-        a, b = (" " + candidate_response(rng, noun) for _ in range(2))
+        if rng.random() < REPEAT_PAIRS:
+            said = sorted(rng.sample(POSITIVE, rng.randint(2, 3)), key=ADJECTIVE_ORDER.__getitem__)
+            repeated = list(said)
+            i = rng.randrange(len(said) - 1)
+            repeated[i + 1] = said[i]  # one adjective said twice in place of the next (the order kept)
+            a, b = (f" the {noun} was " + " and ".join(words) + " ." for words in (said, repeated))
+        else:
+            a, b = (" " + candidate_response(rng, noun, place) for _ in range(2))
         ga, gb = gold_score(prompt, a).reward, gold_score(prompt, b).reward
         if abs(ga - gb) < 1e-9:
             continue
@@ -184,15 +234,19 @@ def preference_pairs(seed: int, n: int, label_noise: float = 0.1, salt: int = 3)
     return rows
 
 
-def candidate_response(rng: random.Random, noun: str) -> str:
-    """An answer for a preference pair: mostly a review of 1-6 adjectives, but also reviews too long to keep the
-    format (7-10 adjectives) and word salad, so that a reward model has seen what a policy drifting away from the
-    format produces and a policy learns where to stop."""
+def candidate_response(rng: random.Random, noun: str, place: str = "paris") -> str:
+    """An answer for a preference pair: mostly a review of 1-6 adjectives, but also the ways a policy can drift that
+    the gold scorer does not reward: reviews too long to keep the format (7-10 adjectives), a review of another noun,
+    and word salad (repeated adjectives come in their own pairs: ``preference_pairs``). A reward model has seen each of
+    them, so a policy cannot win by them."""
     kind = rng.random()
     if kind < 0.7:
-        return make_response(rng, noun, rng.randint(1, 6), rng.random(), 0.3)
-    if kind < 0.85:
-        return make_response(rng, noun, rng.randint(7, 10), rng.random(), 0.3)
+        return make_response(rng, noun, rng.randint(1, 6), rng.random(), 0.3, place=place)
+    if kind < 0.8:
+        return make_response(rng, noun, rng.randint(7, 10), rng.random(), 0.3, place=place)
+    if kind < 0.9:
+        other = rng.choice([n for n in NOUNS if n != noun])
+        return make_response(rng, other, rng.randint(1, 4), rng.random(), 0.3, place=place)
     return " ".join(rng.choice(_SALAD) for _ in range(rng.randint(1, 6))) + " ."
 
 
@@ -253,6 +307,6 @@ def task_examples(seed: int, task: str, n: int, salt: int = 0) -> list[dict]:
 def corpus_for_tokenizer(seed: int) -> list[str]:
     """Every word any toy dataset can produce, so the tokenizer has no unknowns on toy data."""
     words = POSITIVE + NEGATIVE + NOUNS + PLACES + NUMBERS + TASK_WORDS + CHAT_WORDS
-    words += " ".join(FILLERS).replace("{number}", "").split()
+    words += [w for w in " ".join(FILLERS + FOOD_FILLERS + OTHER_FILLERS).split() if "{" not in w]
     words += "review of in was and .".split()
     return [" ".join(words)] + pretrain_corpus(seed, 200)
