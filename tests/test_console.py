@@ -45,3 +45,5 @@ def test_console_filter_keeps_real_warnings_and_drops_noise():
                            "Failed to load CPU gemm_4bit_forward from kernels-community"))
     assert not keep(record("py.warnings", logging.WARNING, "x.py:3: FutureWarning: `foo` is deprecated"))
     assert keep(record("py.warnings", logging.WARNING, "x.py:3: UserWarning: something real"))
+    assert not keep(record("vllm.v1.worker.cpu_worker", logging.WARNING, "libiomp is not found in LD_PRELOAD. For best"))
+    assert keep(record("vllm.engine", logging.WARNING, "a real vLLM warning"))
