@@ -26,7 +26,7 @@ def test_a_short_online_run_prints_no_noise(toy_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     console = proc.stdout + proc.stderr
     assert not NOISE_ON_CONSOLE.search(console), NOISE_ON_CONSOLE.search(console).group(0)
-    assert "1-ppo" in console or "ppo" in console
+    assert "stage 1 (ppo) done" in console and "[1-ppo] step" in console  # our summary and per-step lines
     log = (tmp_path / "runs" / "quiet" / "log.txt").read_text()
     assert "vllm" in log  # vLLM's own INFO lines (engine start, weights loaded) are kept there
 

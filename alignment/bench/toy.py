@@ -31,13 +31,6 @@ COLUMNS = ["world", "build_s", "attempts", "noun_copy", "base_gold", "sft_gold",
            "grpo_gold", "rloo_gold", "dpo_gold", "kto_gold", "orpo_gold", "seq_bwt", "ewc_bwt", "fusion_bwt", "seq_final", "ewc_final", "fusion_final", "seconds"]
 
 
-def _pipeline(config: str, world: int, out: Path, *overrides: str) -> dict:
-    from alignment.pipeline import Pipeline
-
-    return Pipeline.from_yaml(REPO / "configs" / f"{config}.yaml",
-                              [f"model=toy:{world}", f"output_dir={out}", "logging.log_every=1000", *overrides]).run()
-
-
 def _metric(summary: dict, index: int, key: str):
     return summary["stages"][index]["metrics"].get(key)
 
@@ -52,7 +45,7 @@ def world_row(world: int, runs: list[str], out: Path) -> dict:
     out = out / f"world-{world}"
     if {"sft", "reward", "ppo", "grpo", "rloo"} & set(runs):
         last = 2 if "ppo" in runs else 1 if {"reward", "grpo", "rloo"} & set(runs) else 0  # up to the last chosen stage
-        summary = _run_prefix("sft_rm_ppo", world, out, last + 1)
+        summary = _pipeline("sft_rm_ppo", world, out, n_stages=last + 1)
         row["sft_gold"] = _metric(summary, 0, "gold_reward")
         if last >= 1:
             row["rm_eval_accuracy"] = _metric(summary, 1, "eval_accuracy")
@@ -62,7 +55,7 @@ def world_row(world: int, runs: list[str], out: Path) -> dict:
         sft = out / "sft_rm_ppo" / "0-sft"
         if sft.exists():  # the same SFT stage: the pipeline skips it by its fingerprint (retrains if it differs)
             shutil.copytree(sft, out / "sft_dpo" / "0-sft", dirs_exist_ok=True)
-        summary = _pipeline("sft_dpo", world, out) if "dpo" in runs else _run_prefix("sft_dpo", world, out, 1)
+        summary = _pipeline("sft_dpo", world, out) if "dpo" in runs else _pipeline("sft_dpo", world, out, n_stages=1)
         if "dpo" in runs:
             row["dpo_gold"] = _metric(summary, 1, "gold_reward")
         row.setdefault("sft_gold", _metric(summary, 0, "gold_reward"))
@@ -80,18 +73,21 @@ def world_row(world: int, runs: list[str], out: Path) -> dict:
     return row
 
 
-def _run_prefix(config: str, world: int, out: Path, n_stages: int) -> dict:
-    """Run the first ``n_stages`` stages of a shipped config (a copy of it, cut, under ``out``)."""
+def _pipeline(config: str, world: int, out: Path, *overrides: str, n_stages: int | None = None) -> dict:
+    """Run a shipped config on world ``world`` under ``out`` (its first ``n_stages`` stages: a cut copy of it)."""
     import yaml
 
     from alignment.pipeline import Pipeline
 
-    data = yaml.safe_load((REPO / "configs" / f"{config}.yaml").read_text())
-    data["stages"] = data["stages"][:n_stages]
-    path = out / "configs" / f"{config}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return Pipeline.from_yaml(path, [f"model=toy:{world}", f"output_dir={out}", "logging.log_every=1000"]).run()
+    path = REPO / "configs" / f"{config}.yaml"
+    if n_stages is not None:
+        data = yaml.safe_load(path.read_text())
+        data["stages"] = data["stages"][:n_stages]
+        path = out / "configs" / f"{config}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return Pipeline.from_yaml(path, [f"model=toy:{world}", f"output_dir={out}", "logging.log_every=1000",
+                                     *overrides]).run()
 
 
 def run(bench, worlds: list[int], runs: list[str]) -> Report:

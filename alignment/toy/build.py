@@ -124,29 +124,30 @@ class ToyBuildError(UserError):
     """The toy base model failed its quality gate after every extra round: a bug in the toy, not a user mistake."""
 
 
-def assess_base(model, tokenizer, seed: int) -> dict:
-    """The quality gate's measures on world ``seed``'s held-out evaluation prompts (greedy answers)."""
+def _greedy_scores(model, tokenizer, prompts: list[str]) -> tuple[list[world.GoldScore], list[str]]:
     from alignment.evaluation import generate_greedy
 
-    prompts = world.eval_prompts(seed)
     answers = generate_greedy(model, tokenizer, prompts, world.GOLD_MAX_NEW_TOKENS)
-    scores = [world.gold_score(p, text, finished) for p, (text, finished) in zip(prompts, answers)]
+    return [world.gold_score(p, text, done) for p, (text, done) in zip(prompts, answers)], [t for t, _ in answers]
+
+
+def assess_base(model, tokenizer, seed: int) -> dict:
+    """The quality gate's measures on world ``seed``'s held-out evaluation prompts (greedy answers)."""
+    prompts = world.eval_prompts(seed)
+    scores, answers = _greedy_scores(model, tokenizer, prompts)
     nouns = {world.prompt_noun(p) for p in prompts}
     return {
         "noun_copy": round(sum(s.content > 0 for s in scores) / len(prompts), 4),
-        "distinct_answers": round(len({text for text, _ in answers}) / len(nouns), 4),
+        "distinct_answers": round(len(set(answers)) / len(nouns), 4),
         "gold_reward": round(sum(s.reward for s in scores) / len(prompts), 4),
-        "example": prompts[0] + answers[0][0],
+        "example": prompts[0] + answers[0],
     }
 
 
 def probe_noun_copy(model, tokenizer, seed: int) -> float:
     """Share of the first 32 held-out prompts whose greedy answer is a proper review of the prompt's noun."""
-    from alignment.evaluation import generate_greedy
-
-    prompts = world.eval_prompts(seed)[:32]
-    answers = generate_greedy(model, tokenizer, prompts, world.GOLD_MAX_NEW_TOKENS)
-    return sum(world.gold_score(p, text, done).content > 0 for p, (text, done) in zip(prompts, answers)) / len(prompts)
+    scores, _ = _greedy_scores(model, tokenizer, world.eval_prompts(seed)[:32])
+    return sum(s.content > 0 for s in scores) / len(scores)
 
 
 def gate_failures(measures: dict) -> list[str]:
