@@ -11,7 +11,7 @@ import random
 import time
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from alignment.config import DataSource, StageConfig
 from alignment.stage import StageContext, StageResult
@@ -47,11 +47,26 @@ class OnlineConfig(StageConfig):
     # model's context (max_position_embeddings) minus max_new_tokens; None: only the latter
     max_prompt_length: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1.0)
+    top_p: float = Field(1.0, gt=0, le=1.0)  # only 1.0: see _full_distribution
     gold_eval_every: int = Field(10, ge=1)  # toy only
     sync_check_every: int = Field(5, ge=1)
     sync_warn_threshold: float = Field(0.1, gt=0)  # mean |logprob diff| per token that triggers a warning
     checkpoint_every: int = Field(20, ge=1)
+
+    @field_validator("top_p")
+    @classmethod
+    def _full_distribution(cls, value: float) -> float:
+        """The trainer's log-probs, ratio and KL are those of the full softmax (logits / temperature); nucleus
+        sampling would draw from a truncated one, and every update would be off-policy. Refused, not approximated."""
+        if value < 1.0:
+            from pydantic_core import PydanticCustomError
+
+            raise PydanticCustomError(
+                "top_p_truncates",
+                "top_p below 1 samples from a truncated distribution, but the trainer's log-probs, ratio and KL are "
+                "those of the full one (off-policy updates); remove `top_p` (or set 1.0), lower `temperature` for "
+                "less random samples")
+        return value
 
 
 class OnlineRun:

@@ -130,6 +130,12 @@ def wrong_choice(tmp, toy_dir, trained):
     return validate(tmp, toy_dir, [sft(long_prompts="cut")])
 
 
+@case("stages.1.top_p: top_p below 1 samples from a truncated distribution, but the trainer's log-probs")
+def top_p_below_one(tmp, toy_dir, trained):
+    """Online stages refuse nucleus sampling (PPO, GRPO, RLOO share the field): see README, PPO settings."""
+    return validate(tmp, toy_dir, [sft(), {"kind": "grpo", "reward": "toy_gold", "top_p": 0.9}])
+
+
 @case("stages.0.kind: unknown stage kind 'sfft'; did you mean 'sft'?")
 def unknown_stage_kind(tmp, toy_dir, trained):
     return validate(tmp, toy_dir, [{"kind": "sfft"}])
