@@ -15,26 +15,32 @@ from alignment.toy import world
 
 @torch.no_grad()
 def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 128):
-    """[(completion text, finished)] for each prompt: HF greedy decoding with left padding."""
+    """[(completion text, finished)] for each prompt: HF greedy decoding with left padding, stopping on the rollout
+    engines' stop set and without the model's generation_config settings (every policy decoded alike)."""
+    from alignment.rollout import plain_generation, stop_token_ids
+
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     was_training = model.training
     model.eval()
+    stop = stop_token_ids(tokenizer, model)
     out = []
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             batch = tokenizer(chunk, return_tensors="pt", padding=True).to(model.device)
-            generated = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            for row in generated[:, batch["input_ids"].shape[1] :]:
-                finished = bool((row == tokenizer.eos_token_id).any())
-                out.append((tokenizer.decode(row, skip_special_tokens=True), finished))
+            with plain_generation(model):
+                generated = model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=stop,
+                )
+            for row in generated[:, batch["input_ids"].shape[1] :].tolist():
+                end = next((k for k, t in enumerate(row) if t in stop), None)  # padding follows the first stop id
+                row = row if end is None else row[: end + 1]
+                out.append((tokenizer.decode(row, skip_special_tokens=True), end is not None))
     finally:
         tokenizer.padding_side = side
         model.train(was_training)

@@ -47,6 +47,7 @@ def _module_method(folder: Path):
 def export(run_dir: Path, out: Path, merge: bool) -> Path:
     """Write the run's final policy to ``out``: the peft adapter folder, or with ``merge`` a plain model folder."""
     from alignment.policy import load_tokenizer, resolve_model_path
+    from alignment.rollout import stop_token_ids
 
     model_ref, folder = final_policy(run_dir)
     out = Path(out)
@@ -70,7 +71,8 @@ def export(run_dir: Path, out: Path, merge: bool) -> Path:
     merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
     tokenizer = load_tokenizer(base_path)
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
-    merged.generation_config.eos_token_id = tokenizer.eos_token_id
+    stop = stop_token_ids(tokenizer, merged)  # every eos id the run's engines stopped on, not only the tokenizer's
+    merged.generation_config.eos_token_id = stop if len(stop) > 1 else stop[0]
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

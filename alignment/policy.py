@@ -75,6 +75,16 @@ def prepare_tokenizer(tokenizer, path: str = "the model"):
     return tokenizer
 
 
+def _say_stop_ids(tokenizer, model) -> None:
+    """One log line when the model ends answers on more than the tokenizer's eos (both rollout engines, the gold and
+    task evaluators and ``finished`` use that set: alignment.rollout.stop_token_ids)."""
+    from alignment.rollout import describe_stop_ids, stop_token_ids
+
+    line = describe_stop_ids(tokenizer, stop_token_ids(tokenizer, model))
+    if line:
+        log.info(line)
+
+
 def _plain_cpu_4bit(model) -> None:
     """bitsandbytes 0.50 repacks a 4-bit weight for its AVX512-BF16 CPU kernel on the first eval-mode, no-grad
     forward, and that fails when the layer's input size is not a multiple of the quantisation block (64): the toy's
@@ -137,6 +147,7 @@ class SharedPolicy:
         if torch.cuda.is_available() and quantization is None:
             base = base.to("cuda")
         base.config.use_cache = True
+        _say_stop_ids(tokenizer, base)
         return cls(base, tokenizer, path)
 
     # ----------------------------------------------------------------------------------------- adapters

