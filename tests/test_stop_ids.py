@@ -94,19 +94,35 @@ def test_hf_engine_stops_on_every_eos_id_and_samples_with_the_stage_settings_onl
 
     torch.manual_seed(0)
     rollout = HFEngine(policy).generate(PROMPTS, SAMPLE)
-    assert_ends_on_stop_ids(rollout)
     # repetition_penalty 1.5 / no_repeat_ngram_size 2 / top_k 5 in generation_config.json would move the engine's
     # log-probs away from the trainer's by far more than this
     assert trainer_diff(policy, rollout) < 1e-4
+    assert_ends_on_stop_ids(rollout)
     assert policy.base.generation_config.repetition_penalty == 1.5  # the model's own config is left as it was
 
 
-def test_gold_evaluator_stops_on_every_eos_id(policy):
+def test_gold_evaluator_decodes_greedily_to_the_first_stop_id(policy):
+    """The greedy evaluators (gold reward, continual `generate`) take the argmax of the model's own logits, not
+    of logits the model's generation_config penalises, and stop on the same ids as the rollouts."""
     from alignment.evaluation import generate_greedy
 
+    prompts = PROMPTS[:4]
     with policy.using("policy") as model:
-        completions = generate_greedy(model, policy.tokenizer, PROMPTS[:4], max_new_tokens=24)
-    assert all(finished and text.endswith(".") and text.count(".") == 1 for text, finished in completions), completions
+        completions = generate_greedy(model, policy.tokenizer, prompts, max_new_tokens=24)
+        expected = [argmax_decode(model, policy.tokenizer, p, 24) for p in prompts]
+    assert completions == expected
+    assert sum(text.endswith(".") for text, _ in completions) >= 2
+
+
+@torch.no_grad()
+def argmax_decode(model, tokenizer, prompt: str, max_new_tokens: int) -> tuple[str, bool]:
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    new = []
+    for _ in range(max_new_tokens):
+        new.append(int(model(input_ids=torch.cat([ids, torch.tensor([new], dtype=torch.long)], 1)).logits[0, -1].argmax()))
+        if new[-1] in (EOS, PERIOD):
+            return tokenizer.decode(new, skip_special_tokens=True), True
+    return tokenizer.decode(new, skip_special_tokens=True), False
 
 
 def test_vllm_engine_stops_on_every_eos_id_calls_it_finished_and_matches_the_trainer(policy):
