@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Re-pin constraints-cuda.txt: resolve `.[cuda,qlora,test]` against PyPI for a CUDA machine (Linux x86_64, glibc 2.35
-# or newer, Python 3.12 by default) without installing anything. `make lock-cuda` runs it.
+# or newer, Python 3.11 by default: the oldest vllm supports, so the pins hold on 3.12 too) without installing anything. `make lock-cuda` runs it.
 #
 # - A plain pip on PyPI: PIP_CONFIG_FILE=/dev/null and no PIP_FIND_LINKS/PIP_INDEX_URL/PIP_EXTRA_INDEX_URL/PIP_CONSTRAINT,
 #   so a machine's local wheel folders and caps (such as a `torch<=` constraint in /etc/xdg/pip) play no part.
@@ -9,15 +9,15 @@
 # - The Hugging Face stack (transformers, trl, peft, accelerate, datasets, tokenizers, safetensors, huggingface_hub) is
 #   held at the versions of constraints-cpu.txt, so CPU and CUDA run the same library code; the rest (torch, vllm,
 #   CUDA libraries) is whatever vllm's pins and PyPI give.
-# - Then checks that the written file resolves on Python 3.11 too.
+# - Then checks that the written file resolves on Python 3.12 too (a 3.12 resolution alone picks networkx 3.7, which needs 3.12).
 #
-# Usage: scripts/lock_cuda.sh [--check]     --check: only dry-run the existing constraints-cuda.txt (3.12 and 3.11)
+# Usage: scripts/lock_cuda.sh [--check]     --check: only dry-run the existing constraints-cuda.txt (3.11 and 3.12)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=${LOCK_VENV:-/tmp/alignment-lock-cuda-venv}
-PYVER=${LOCK_PYTHON_VERSION:-3.12}
+PYVER=${LOCK_PYTHON_VERSION:-3.11}
 OUT=constraints-cuda.txt
 HF_STACK='transformers|trl|peft|accelerate|datasets|tokenizers|safetensors|huggingface_hub'
 
@@ -50,7 +50,7 @@ report, pyver = json.load(open(sys.argv[1])), sys.argv[2]
 pins = sorted((i["metadata"]["name"], i["metadata"]["version"]) for i in report["install"]
               if i["metadata"]["name"] != "staged-alignment")
 pip = report.get("pip_version", "?")
-print(f"# Versions resolved together for CUDA machines (Linux x86_64, glibc >= 2.35; Python {pyver}, also checked on 3.11):")
+print(f"# Versions resolved together for CUDA machines (Linux x86_64, glibc >= 2.35; Python {pyver}, also checked on 3.12):")
 print(f"# pip {pip} on PyPI with no local config, `pip install --dry-run --report` of .[cuda,qlora,test] (no wheel downloaded),")
 print("# the Hugging Face stack held at constraints-cpu.txt's versions. PyPI's torch wheels of this version are CUDA 13 builds")
 print("# (NVIDIA driver 580 or newer). Regenerate: make lock-cuda (scripts/lock_cuda.sh); check only: scripts/lock_cuda.sh --check")
@@ -61,7 +61,7 @@ EOF
     echo "wrote $OUT ($(grep -c '==' "$OUT") pins)"
 fi
 
-for v in "$PYVER" 3.11; do
+for v in "$PYVER" 3.12; do
     resolve "$v" "$tmp/check-$v.json" -c "$OUT"
     "$VENV/bin/python" - "$tmp/check-$v.json" "$OUT" "$v" <<'EOF'
 import json, re, sys
