@@ -60,7 +60,7 @@ lock-cuda:
 # The wheel folder for an offline GPU box that already has CUDA torch, transformers, peft and accelerate:
 # our other pure-Python dependencies for Python 3.12, pinned as in constraints-cuda.txt (scripts/gpu_check.sh).
 wheels:
-	scripts/gpu_check.sh --build-wheels $(WHEELS)
+	PYTHON=$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) scripts/gpu_check.sh --build-wheels $(WHEELS)
 
 # On a GPU box: install from wheels/, run the `gpu` tests and the 0.5b rollout bench (scripts/gpu_check.sh).
 gpu-check:
