@@ -285,3 +285,24 @@ def test_padless_tokenizer_gets_one_line_saying_why(toy_dir, tmp_path, caplog):
     assert tok.pad_token_id == EOS and len(lines) == 1
     assert lines[0] == ("tokenizer has no pad token: padding with '</s>' (embeddings are never resized; padding is "
                         "masked by the attention mask, so a real '</s>' at an answer's end is still learned)")
+
+
+def test_ewc_dpo_on_a_padless_model_keeps_eos(toy_dir, tmp_path, monkeypatch):
+    """The continual EWC stage's DPO objective (TRL's DPOTrainer plus the penalty) on the pad-less stand-in."""
+    from alignment.config import config_from_dict
+    from alignment.pipeline import Pipeline
+
+    model = make_standin(toy_dir, tmp_path / "model", "none")
+    pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in toy_rows(toy_dir, "preference", 8)]
+    data = write_jsonl(tmp_path / "pairs_task.jsonl", pairs)
+    spy, batches = Spy(monkeypatch), BatchSpy(monkeypatch)
+    stage = {"kind": "ewc", "data": data, "objective": "dpo", "fisher_samples": 2, **ONE_STEP}
+    raw = {"name": "ewc", "model": str(model), "output_dir": str(tmp_path / "runs"), "stages": [stage],
+           "continual": {"eval_samples": 4}, "logging": {"log_every": 50}}
+    Pipeline(*config_from_dict(raw)).run()
+    assert len(spy.seen["dpo"]) == 4 and batches.seen["dpo"]
+    for example in spy.seen["dpo"]:
+        assert example["chosen_ids"][-2:] == [DOT, EOS] and example["rejected_ids"][-2:] == [DOT, EOS]
+    for batch in batches.seen["dpo"]:
+        for last, in_loss, tail, tail_mask in ends_of(batch, "input_ids", "completion_mask", "attention_mask"):
+            assert last == EOS and in_loss == 1 and tail == [EOS] * len(tail) and tail_mask == [0] * len(tail)
