@@ -22,8 +22,11 @@ from alignment.methods import MethodOptions
 
 log = logging.getLogger("alignment")
 
+# Each assistant turn ends with the eos token: SFT on chat rows learns where an answer ends (TRL appends eos only to
+# plain-text rows; a chat row gets exactly what its template renders), and generation stops there.
 DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }} : {{ message['content'] }}\n{% endfor %}"
+    "{% for message in messages %}{{ message['role'] }} : {{ message['content'] }}"
+    "{{ eos_token if message['role'] == 'assistant' else '' }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant : {% endif %}"
 )
 
@@ -68,10 +71,13 @@ def prepare_tokenizer(tokenizer, path: str = "the model"):
                 "tokenizer_config.json (embeddings are never resized: vLLM could not serve such adapters)"
             )
         tokenizer.pad_token = fallback
-        log.info("tokenizer has no pad token: padding with %r", fallback)
+        log.info("tokenizer has no pad token: padding with %r (embeddings are never resized; padding is masked by "
+                 "the attention mask, so a real %r at an answer's end is still learned)", fallback, fallback)
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-        log.info("tokenizer has no chat template: using the default 'role : content' template")
+        log.info("tokenizer has no chat template: using the default 'role : content' template (each assistant turn "
+                 "ends with %r)", tokenizer.eos_token)
+    _eos_text_round_trips(tokenizer, path)
     return tokenizer
 
 
@@ -83,6 +89,29 @@ def _say_stop_ids(tokenizer, model) -> None:
     line = describe_stop_ids(tokenizer, stop_token_ids(tokenizer, model))
     if line:
         log.info(line)
+
+
+def _eos_text_round_trips(tokenizer, path: str) -> None:
+    """The trainers append eos to answers as text (TRL's SFT/DPO/KTO/ORPO: ``completion + eos_token``; the chat
+    template: ``{{ eos_token }}``): the tokenizer must read that text back as the one eos id, or the answers are
+    trained without their end. A tokenizer with ``split_special_tokens`` splits it into ordinary pieces: switched off,
+    with a line saying why."""
+    def eos_ids():  # an answer's last word with eos appended, as TRL does: ".</s>"
+        return tokenizer("." + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+
+    if eos_ids()[-1:] == [tokenizer.eos_token_id]:
+        return
+    if getattr(tokenizer, "split_special_tokens", False):
+        tokenizer.split_special_tokens = False
+        log.info("tokenizer splits special tokens in text: turned off, so the %r appended to answers is read as the "
+                 "eos token", tokenizer.eos_token)
+        if eos_ids()[-1:] == [tokenizer.eos_token_id]:
+            return
+    raise UserError(
+        f"model: tokenizer of {path!r} reads '.{tokenizer.eos_token}' as {eos_ids()}, not ending with the eos id "
+        f"{tokenizer.eos_token_id}; answers would be trained without their end. Register its eos token as a special "
+        "token in its tokenizer files"
+    )
 
 
 def _plain_cpu_4bit(model) -> None:
