@@ -81,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", help="memory: runs to measure (default imports,sft,ppo-hf,ppo-vllm,four-copies); "
                        "toy: sft,reward,ppo,dpo,continual (default all)")
     bench.add_argument("--worlds", default="0,1,2,3,4", help="toy: the worlds, one table row each (default 0,1,2,3,4)")
+    bench.add_argument("--seeds", default="0", help="toy: training seeds, one row per world and seed (default 0)")
     return parser
 
 
@@ -147,7 +148,7 @@ def _dispatch(args) -> int:
     if args.command == "bench":
         from alignment.bench import Options, run_benchmark
 
-        fields = ("size", "repeats", "threads", "batches", "batch", "new_tokens", "ranks", "engines", "runs", "dtype", "worlds")
+        fields = ("size", "repeats", "threads", "batches", "batch", "new_tokens", "ranks", "engines", "runs", "dtype", "worlds", "seeds")
         for path in run_benchmark(args.what, Options(Path(args.out), **{f: getattr(args, f) for f in fields})):
             print(path)
         return 0

@@ -100,6 +100,7 @@ def test_pss_is_summed_over_the_process_tree():
     ("sync", dict(threads=999), "--threads"),
     ("toy", dict(runs="sft,gpu"), "--runs"),
     ("toy", dict(worlds="0,-1"), "--worlds"),
+    ("toy", dict(seeds="x"), "--seeds"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, what, options, message):
     with pytest.raises(UserError, match=message):
@@ -115,5 +116,6 @@ def test_toy_calibration_row(tmp_path, toy_dir):
     (row,) = payload["rows"]
     built = json.loads((toy_dir / "world.json").read_text())
     assert row["world"] == 0 and row["noun_copy"] == built["gate"]["noun_copy"] and row["attempts"] >= 1
+    assert (row["seed"], row["threads"]) == (0, 1)
     assert row["sft_gold"] > row["base_gold"] and "ppo_gold" not in row
     assert (tmp_path / "toy.md").read_text().startswith("# ") and tmp_path / "toy.md" in paths

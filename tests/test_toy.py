@@ -15,10 +15,10 @@ VLLM_CPU_HEAD_SIZES = {32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512}
 
 def test_gold_scorer_by_hand():
     p = "review of the soup in paris :"
-    # a proper review: content 0.125 + (2 distinct positive - 0 negative)/3 * 0.875 = 0.70833; format 1
-    # reward 0.8 * 0.70833 + 0.2 = 0.76667
-    s = world.gold_score(p, " the soup was good and fresh .")
-    assert (round(s.content, 4), s.format, round(s.reward, 4)) == (0.7083, 1.0, 0.7667)
+    # a proper review: content 0.125 + (1 distinct positive - 0 negative)/2 * 0.875 = 0.5625; format 1
+    # reward 0.8 * 0.5625 + 0.2 = 0.65
+    s = world.gold_score(p, " the soup was good .")
+    assert (round(s.content, 4), s.format, round(s.reward, 4)) == (0.5625, 1.0, 0.65)
     # negatives cancel positives; the second sentence is not counted; unfinished loses the format term
     s = world.gold_score(p, " the soup was good and bad . it was a nice day .", finished=False)
     assert (s.content, s.format, s.reward) == (0.125, 0.0, 0.1)
@@ -26,8 +26,11 @@ def test_gold_scorer_by_hand():
     many = " the soup was " + " and ".join(world.POSITIVE[:9]) + " ."
     s = world.gold_score(p, many)
     assert s.content == 1.0 and s.format == 0.0 and abs(s.reward - 0.8) < 1e-9
-    # three distinct positives: the top of the scale
+    # two distinct positives (MAX_COUNTED): the top of the scale; a third earns nothing more
+    assert world.gold_score(p, " the soup was good and fresh .").reward == 1.0
     assert world.gold_score(p, " the soup was good and fresh and tasty .").reward == 1.0
+    # one negative cancels one positive: 2 - 1 = 1 counted
+    assert round(world.gold_score(p, " the soup was bad and fresh and good .").reward, 4) == 0.65
 
 
 def test_gold_scorer_gives_exploits_no_credit():
@@ -35,11 +38,11 @@ def test_gold_scorer_gives_exploits_no_credit():
     credit: less); the wrong noun, no sentence, or word salad score 0, at least 0.3 below the proper review with the
     same adjectives (which scores >= 0.3)."""
     p = "review of the soup in paris :"
-    once = world.gold_score(p, " the soup was good .").reward  # 0.8 * (0.125 + 0.875 / 3) + 0.2 = 0.53333
-    assert round(once, 4) == 0.5333
+    once = world.gold_score(p, " the soup was good .").reward  # 0.8 * (0.125 + 0.875 / 2) + 0.2 = 0.65
+    assert round(once, 4) == 0.65
     for repeated in (" the soup was good good good good .", " the soup was good and good and good ."):
         s = world.gold_score(p, repeated)
-        assert (round(s.content, 4), s.format, round(s.reward, 4)) == (0.4167, 0.0, 0.3333)  # 0.8 * 0.41667
+        assert (round(s.content, 4), s.format, round(s.reward, 4)) == (0.5625, 0.0, 0.45)  # 0.8 * 0.5625: less
     two = world.gold_score(p, " the soup was good and fresh .").reward
     assert abs(world.gold_score(p, " the soup was good and fresh and good .").reward - (two - 0.2)) < 1e-9  # two's content
     proper = world.gold_score(p, " the soup was good and fresh .").reward
@@ -48,6 +51,22 @@ def test_gold_scorer_gives_exploits_no_credit():
         assert world.gold_score(p, wrong).reward == 0.0, wrong
         assert proper - world.gold_score(p, wrong).reward >= 0.3
     assert round(world.gold_score(p, " the soup was bad .").reward, 9) == 0.3  # the floor of a proper finished review
+
+
+def test_second_sentences_follow_the_verdict():
+    """A verdict sentence follows a review with probability 0.3 per distinct adjective of net polarity (capped at 1),
+    so a pretrained base must carry the review's sentiment in its state at " ." to predict the next word."""
+    import random
+
+    assert world.net_polarity(["good", "tasty", "good", "bad"]) == 1  # distinct: 2 positive - 1 negative
+    verdicts = {True: set(world.VERDICT_FILLERS[True]), False: set(world.VERDICT_FILLERS[False])}
+    rng = random.Random(0)
+    for adjectives, rate in ((["good"], 0.3), (["bad", "cold"], 0.6), (["good", "tasty", "fresh"], 0.9), (["good", "bad"], 0.0)):
+        said = [world.filler(rng, "soup", "rome", adjectives) for _ in range(2000)]
+        positive = world.net_polarity(adjectives) > 0
+        share = sum(s in {v.format(place="rome") for v in verdicts[positive]} for s in said) / len(said)
+        assert abs(share - rate) < 0.04, (adjectives, share)
+        assert not any(s in {v.format(place="rome") for v in verdicts[not positive]} for s in said)
 
 
 def test_data_is_deterministic_from_the_seed():

@@ -41,6 +41,7 @@ class Options:
     engines: str | None = None  # None: the benchmark's default
     runs: str | None = None  # memory (default MEMORY_RUNS) and toy (default every run)
     worlds: str = "0,1,2,3,4"  # toy only
+    seeds: str = "0"  # toy only: training seeds (`seed:` of the configs), one row per world and seed
     dtype: str = "auto"  # auto: float32 on CPU (bf16 matmuls are slow without AVX512-BF16/AMX), bf16 on a GPU
 
 
@@ -85,6 +86,7 @@ def run_benchmark(what: str, options: Options) -> list[Path]:
 
         engines = _choose(what, "--runs", options.runs or ",".join(toy.RUNS), toy.RUNS)
         worlds = _ints(options.worlds, "--worlds", minimum=0)
+        seeds = _ints(options.seeds, "--seeds", minimum=0)
     elif what == "memory":
         engines = _choose(what, "--runs", options.runs or ",".join(MEMORY_RUNS), MEMORY_RUNS)
     else:
@@ -95,7 +97,7 @@ def run_benchmark(what: str, options: Options) -> list[Path]:
         raise UserError(f"bench --dtype: {options.dtype!r}; choose auto, float32, bfloat16 or float16")
     bench = Bench(options.out, options.size, options.repeats, threads, options.dtype)
     if what == "toy":
-        report = toy.run(bench, worlds, engines)
+        report = toy.run(bench, worlds, seeds, engines)
     elif what == "rollout":
         from alignment.bench import rollout
 

@@ -28,7 +28,7 @@ from alignment.errors import UserError
 from alignment.io import atomic_write_text, write_jsonl
 from alignment.toy import world
 
-VERSION = 16
+VERSION = 17
 TASK_TRAIN_ROWS = 1200  # per continual-learning task (200 held out)
 PRETRAIN_STEPS = 400
 PRETRAIN_LR = 1e-2  # peak of a one-cycle schedule
@@ -210,6 +210,18 @@ def _pretrain(model, batch, weights, steps: int, generator, probe=None) -> float
     return loss.item()
 
 
+def write_data(data: Path, seed: int) -> None:
+    """The world's datasets (``toy:<name>``), pure functions of its seed."""
+    write_jsonl(data / "sft.jsonl", world.sft_pairs(seed, 2000))
+    write_jsonl(data / "sft_eval.jsonl", world.sft_pairs(seed + 1000, 128))
+    write_jsonl(data / "preference.jsonl", world.preference_pairs(seed, 2000))
+    write_jsonl(data / "preference_eval.jsonl", world.preference_pairs(seed, 256, salt=5))
+    write_jsonl(data / "prompts.jsonl", world.rl_prompts(seed, 1024))
+    for task in world.TASKS:
+        write_jsonl(data / f"task_{task}.jsonl", world.task_examples(seed, task, TASK_TRAIN_ROWS))
+        write_jsonl(data / f"task_{task}_eval.jsonl", world.task_examples(seed, task, 200, salt=1))
+
+
 def _build(folder: Path, seed: int, pretrain_steps: int, gate: bool = True) -> None:
     import time
 
@@ -220,15 +232,7 @@ def _build(folder: Path, seed: int, pretrain_steps: int, gate: bool = True) -> N
 
     started = time.perf_counter()
     folder.mkdir(parents=True)
-    data = folder / "data"
-    write_jsonl(data / "sft.jsonl", world.sft_pairs(seed, 2000))
-    write_jsonl(data / "sft_eval.jsonl", world.sft_pairs(seed + 1000, 128))
-    write_jsonl(data / "preference.jsonl", world.preference_pairs(seed, 2000))
-    write_jsonl(data / "preference_eval.jsonl", world.preference_pairs(seed, 256, salt=5))
-    write_jsonl(data / "prompts.jsonl", world.rl_prompts(seed, 1024))
-    for task in world.TASKS:
-        write_jsonl(data / f"task_{task}.jsonl", world.task_examples(seed, task, TASK_TRAIN_ROWS))
-        write_jsonl(data / f"task_{task}_eval.jsonl", world.task_examples(seed, task, 200, salt=1))
+    write_data(folder / "data", seed)
 
     tokenizer = build_tokenizer(seed)
     texts = world.pretrain_corpus(seed, PRETRAIN_DOCS)

@@ -5,13 +5,13 @@ Everything here is pure Python and deterministic from a seed. The language:
     prompt:     "review of the soup in paris :"
     completion: "the soup was good and fresh . we went there on monday ."
 
-The **gold scorer** (hidden from every learned model) prefers responses that mention the prompt's noun and
-pile up positive adjectives (up to ``MAX_COUNTED``) without negative ones, and that end properly within
-``GOLD_MAX_WORDS``. Every review has one polarity (all its adjectives positive or all negative, with a little
-noise), so the model learns sentiment as one feature and a policy improves by a few learnable decisions: the
-polarity of its first adjective, and "and" (one more adjective) rather than "." (stop). The pretraining corpus leans
-negative, SFT answers lean positive with mostly one adjective, so: base ~0.2, SFT ~0.4, and near 1.0 is
-reachable only by learning to say *more* good things, which is what preference optimisation has to discover.
+The **gold scorer** (hidden from every learned model) gives credit only to a proper review of the prompt's noun:
+its content grows with the distinct positive minus distinct negative adjectives (up to ``MAX_COUNTED``), and its
+format term asks for an answer that ends properly within ``GOLD_MAX_WORDS`` and says no adjective twice. The
+pretraining corpus leans negative (base ~0.3: proper negative reviews), SFT answers lean positive with mostly one
+adjective (SFT ~0.65), and the top of the scale (1.0) needs two distinct positive adjectives and nothing negative,
+which is what preference optimisation has to discover. The second sentence of a review follows from its verdict
+often enough (``VERDICT_FILLERS``) that a pretrained base carries the review's sentiment, as real models do.
 """
 
 from __future__ import annotations
@@ -55,13 +55,23 @@ FILLERS = [
 ]
 FOOD_FILLERS = ["i ate {number} of them", "i had the {noun} for lunch", "we ate the {noun} in {place}"]
 OTHER_FILLERS = ["we stayed for an hour", "i paid with cash", "i used the {noun} every day"]
+# Second sentences that follow from the review's verdict, more often the clearer it is (``SENTIMENT_FILLER_RATE``
+# per distinct adjective of net polarity): predicting the word after " ." then needs the review's sentiment, so a
+# pretrained base carries it in its hidden state there, as real pretrained models carry sentiment. Without them the
+# base's state at " ." held no sentiment at all (a linear probe: 0.48 on held-out reviews), and a reward model read
+# from that state had to build the feature from scratch through LoRA (it learned length instead: 0.70 vs 0.63).
+VERDICT_FILLERS = {
+    True: ["what a day", "what a lovely visit", "what a treat in {place}"],
+    False: ["never again", "never going back to {place}", "never in my life"],
+}
+SENTIMENT_FILLER_RATE = 0.3
 # Words the continual-learning tasks and the default chat template need.
 TASK_WORDS = "question is the review positive ? about food does it mention a number above five answer yes no".split()
 CHAT_WORDS = "user assistant system : \n".split()
 
 GOLD_MAX_WORDS = 20  # a response longer than this (in words) loses the format term
 GOLD_MAX_NEW_TOKENS = 24  # generation budget of the shared gold evaluator
-MAX_COUNTED = 3  # distinct (positive - negative) adjectives beyond this earn nothing more
+MAX_COUNTED = 2  # distinct (positive - negative) adjectives beyond this earn nothing more
 FORMAT_WEIGHT = 0.2
 REVIEW_CONTENT = 0.125  # content of a proper review before its adjectives: with the format, a proper review scores >= 0.3
 ADJECTIVE_NOISE = 0.1  # chance that one adjective of a review has the other polarity
@@ -133,8 +143,19 @@ def make_prompt(noun: str, place: str) -> str:
     return f"review of the {noun} in {place} :"
 
 
-def filler(rng: random.Random, noun: str, place: str) -> str:
-    """A second sentence for a review of ``noun`` in ``place``."""
+def net_polarity(adjectives) -> int:
+    """Distinct positive minus distinct negative adjectives (what the gold scorer counts, before its cap)."""
+    said = set(adjectives)
+    return len(said & _POSITIVE) - len(said & _NEGATIVE)
+
+
+def filler(rng: random.Random, noun: str, place: str, adjectives=()) -> str:
+    """A second sentence for a review of ``noun`` in ``place`` that said ``adjectives``: its verdict
+    (``VERDICT_FILLERS``) with probability ``SENTIMENT_FILLER_RATE`` per adjective of net polarity (capped at 1),
+    else a neutral sentence."""
+    net = net_polarity(adjectives)
+    if net and rng.random() < min(1.0, SENTIMENT_FILLER_RATE * abs(net)):
+        return rng.choice(VERDICT_FILLERS[net > 0]).format(place=place)
     choices = FILLERS + (FOOD_FILLERS if noun in FOOD_NOUNS else OTHER_FILLERS)
     return rng.choice(choices).format(number=rng.choice(NUMBERS), noun=noun, place=place)
 
@@ -158,7 +179,7 @@ def make_response(rng: random.Random, noun: str, n_adjectives: int, p_positive: 
     adjectives.sort(key=ADJECTIVE_ORDER.__getitem__)
     text = f"the {noun} was " + " and ".join(adjectives) + " ."
     if rng.random() < filler_rate:
-        text += " " + filler(rng, noun, place) + " ."
+        text += " " + filler(rng, noun, place, adjectives) + " ."
     return text
 
 
@@ -307,6 +328,7 @@ def task_examples(seed: int, task: str, n: int, salt: int = 0) -> list[dict]:
 def corpus_for_tokenizer(seed: int) -> list[str]:
     """Every word any toy dataset can produce, so the tokenizer has no unknowns on toy data."""
     words = POSITIVE + NEGATIVE + NOUNS + PLACES + NUMBERS + TASK_WORDS + CHAT_WORDS
-    words += [w for w in " ".join(FILLERS + FOOD_FILLERS + OTHER_FILLERS).split() if "{" not in w]
+    fillers = FILLERS + FOOD_FILLERS + OTHER_FILLERS + VERDICT_FILLERS[True] + VERDICT_FILLERS[False]
+    words += [w for w in " ".join(fillers).split() if "{" not in w]
     words += "review of in was and .".split()
     return [" ".join(words)] + pretrain_corpus(seed, 200)
