@@ -48,7 +48,8 @@ FILLERS = [
     "my friend came with me",
     "it was my first visit",
     "we went there on friday",
-    "we were {number} people",
+    "we were {number} people in a {size} group",
+    "it was a {size} group of {number}",
     "we went to {place} on monday",
     "i will come back to {place}",
     "it was my first visit to {place}",
@@ -65,6 +66,9 @@ VERDICT_FILLERS = {
     False: ["never again", "never going back to {place}", "never in my life"],
 }
 SENTIMENT_FILLER_RATE = 0.3
+# The size of a group follows from its number (above five: big), so a pretrained base knows which number words are
+# large, as the continual `number` task asks (without it a fresh adapter could not learn that task in its budget).
+GROUP_SIZE = {True: "big", False: "small"}
 # Words the continual-learning tasks and the default chat template need.
 TASK_WORDS = "question is the review positive ? about food does it mention a number above five answer yes no".split()
 CHAT_WORDS = "user assistant system : \n".split()
@@ -157,7 +161,8 @@ def filler(rng: random.Random, noun: str, place: str, adjectives=()) -> str:
     if net and rng.random() < min(1.0, SENTIMENT_FILLER_RATE * abs(net)):
         return rng.choice(VERDICT_FILLERS[net > 0]).format(place=place)
     choices = FILLERS + (FOOD_FILLERS if noun in FOOD_NOUNS else OTHER_FILLERS)
-    return rng.choice(choices).format(number=rng.choice(NUMBERS), noun=noun, place=place)
+    number = rng.randint(1, 9)
+    return rng.choice(choices).format(number=NUMBERS[number - 1], size=GROUP_SIZE[number > 5], noun=noun, place=place)
 
 
 def make_response(rng: random.Random, noun: str, n_adjectives: int, p_positive: float, filler_rate: float,
@@ -330,5 +335,5 @@ def corpus_for_tokenizer(seed: int) -> list[str]:
     words = POSITIVE + NEGATIVE + NOUNS + PLACES + NUMBERS + TASK_WORDS + CHAT_WORDS
     fillers = FILLERS + FOOD_FILLERS + OTHER_FILLERS + VERDICT_FILLERS[True] + VERDICT_FILLERS[False]
     words += [w for w in " ".join(fillers).split() if "{" not in w]
-    words += "review of in was and .".split()
+    words += "review of in was and .".split() + list(GROUP_SIZE.values())
     return [" ".join(words)] + pretrain_corpus(seed, 200)
