@@ -48,8 +48,7 @@ FILLERS = [
     "my friend came with me",
     "it was my first visit",
     "we went there on friday",
-    "we were {number} people in a {size} group",
-    "it was a {size} group of {number}",
+    "we were {number} people",
     "we went to {place} on monday",
     "i will come back to {place}",
     "it was my first visit to {place}",
@@ -66,9 +65,6 @@ VERDICT_FILLERS = {
     False: ["never again", "never going back to {place}", "never in my life"],
 }
 SENTIMENT_FILLER_RATE = 0.3
-# The size of a group follows from its number (above five: big), so a pretrained base knows which number words are
-# large, as the continual `number` task asks (without it a fresh adapter could not learn that task in its budget).
-GROUP_SIZE = {True: "big", False: "small"}
 # Words the continual-learning tasks and the default chat template need.
 TASK_WORDS = "question is the review positive ? about food does it mention a number above five answer yes no".split()
 CHAT_WORDS = "user assistant system : \n".split()
@@ -161,8 +157,7 @@ def filler(rng: random.Random, noun: str, place: str, adjectives=()) -> str:
     if net and rng.random() < min(1.0, SENTIMENT_FILLER_RATE * abs(net)):
         return rng.choice(VERDICT_FILLERS[net > 0]).format(place=place)
     choices = FILLERS + (FOOD_FILLERS if noun in FOOD_NOUNS else OTHER_FILLERS)
-    number = rng.randint(1, 9)
-    return rng.choice(choices).format(number=NUMBERS[number - 1], size=GROUP_SIZE[number > 5], noun=noun, place=place)
+    return rng.choice(choices).format(number=rng.choice(NUMBERS), noun=noun, place=place)
 
 
 def make_response(rng: random.Random, noun: str, n_adjectives: int, p_positive: float, filler_rate: float,
@@ -214,13 +209,14 @@ def pretrain_corpus(seed: int, n: int) -> list[str]:
 
 
 def sft_pairs(seed: int, n: int) -> list[dict]:
-    """Decent but imperfect answers: mostly one adjective (60 %, else two or three), 80 % positive reviews."""
+    """Decent but imperfect answers: one adjective (80 %: greedy decoding stops after it on every world, so SFT scores
+    0.65 and two good adjectives are left for preference optimisation to find), else two or three; 80 % positive."""
     rng = random.Random(seed * 7919 + 2)
     train, _ = split_prompt_pairs(seed)
     rows = []
     for _ in range(n):
         noun, place = rng.choice(train)
-        k = rng.choices([1, 2, 3], weights=[0.6, 0.25, 0.15])[0]
+        k = rng.choices([1, 2, 3], weights=[0.8, 0.15, 0.05])[0]
         completion = " " + make_response(rng, noun, k, 0.8, 0.3, place=place)  # leading space: trainers concatenate strings
         rows.append({"prompt": make_prompt(noun, place), "completion": completion})
     return rows
@@ -335,5 +331,5 @@ def corpus_for_tokenizer(seed: int) -> list[str]:
     words = POSITIVE + NEGATIVE + NOUNS + PLACES + NUMBERS + TASK_WORDS + CHAT_WORDS
     fillers = FILLERS + FOOD_FILLERS + OTHER_FILLERS + VERDICT_FILLERS[True] + VERDICT_FILLERS[False]
     words += [w for w in " ".join(fillers).split() if "{" not in w]
-    words += "review of in was and .".split() + list(GROUP_SIZE.values())
+    words += "review of in was and .".split()
     return [" ".join(words)] + pretrain_corpus(seed, 200)
