@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from alignment.errors import UserError
-from tests.conftest import expect_gain, run_cli
+from tests.conftest import run_cli
 
 
 def test_reward_model_beats_length_baseline(reward_run):
@@ -18,9 +18,9 @@ def test_reward_model_beats_length_baseline(reward_run):
     m = stage["metrics"]
     assert {"eval_accuracy_noisy", "length_baseline_accuracy", "dropped_pairs"} <= set(m)
     assert stage["artifacts"]["reward_model"] == "1-reward/reward_model"
-    assert m["eval_accuracy"] > 0.5  # above a coin (measured 0.61-0.68 on worlds 0-1 of toy v16, docs/benchmarks.md)
-    # toy v15's reward model reached 0.93; on v16's pairs (repeats, wrong nouns) it learns little beyond length
-    expect_gain(m["eval_accuracy"], m["length_baseline_accuracy"], 0.15, "reward model over the length baseline")
+    # the target, +0.15 over "the longer answer wins"; toy v17 measured +0.27 to +0.33 (docs/benchmarks.md), so a
+    # margin of at least 0.12 on every world measured (docs/benchmarks.md, `alignment bench toy`)
+    assert m["eval_accuracy"] >= m["length_baseline_accuracy"] + 0.15, m
 
 
 def test_reward_artifact_round_trip_through_stock_transformers_and_peft(reward_run, toy_dir):
@@ -81,7 +81,8 @@ def test_dpo_beats_sft(dpo_run):
     sft, dpo = summary["stages"][0]["metrics"], summary["stages"][1]["metrics"]
     assert summary["stages"][1]["artifacts"] == {"policy": "1-dpo/adapters/policy"}
     assert "gold_win_rate" in dpo
-    expect_gain(dpo["gold_reward"], sft["gold_reward"], 0.15, "DPO gold over SFT")
+    # the target, +0.15 over SFT; toy v17 measured SFT 0.65 -> DPO 1.0 (docs/benchmarks.md): a margin of 0.2
+    assert dpo["gold_reward"] >= sft["gold_reward"] + 0.15, (sft["gold_reward"], dpo["gold_reward"])
 
 
 def test_dpo_reference_is_the_frozen_sft_policy(dpo_run, toy_dir):

@@ -69,6 +69,23 @@ def test_second_sentences_follow_the_verdict():
         assert not any(s in {v.format(place="rome") for v in verdicts[not positive]} for s in said)
 
 
+def test_verdict_pairs_rank_an_adjective_above_praise():
+    """Verdict pairs: the better review wins on the gold scorer (it reads the first sentence only), the worse one ends
+    with praise, and such pairs are about VERDICT_PAIRS of the preference data."""
+    import random
+
+    rng, p = random.Random(0), world.make_prompt("soup", "rome")
+    praise = {v.format(place="rome") for v in world.VERDICT_FILLERS[True]}
+    for _ in range(50):
+        better, worse = world.verdict_pair(rng, "soup", "rome")
+        assert world.gold_score(p, better).reward - world.gold_score(p, worse).reward >= 0.35  # 1.0/0.65 vs 0.65/0.3
+        assert any(worse.endswith(f" {x} .") for x in praise)
+    rows = world.preference_pairs(0, 2000)
+    with_praise = sum(any(r["rejected" if r["gold_chosen_is_better"] else "chosen"].endswith(f"{x} .")
+                          for x in world.VERDICT_FILLERS[True] if "{" not in x) for r in rows)
+    assert with_praise >= 0.05 * len(rows)
+
+
 def test_data_is_deterministic_from_the_seed():
     assert world.sft_pairs(0, 50) == world.sft_pairs(0, 50)
     assert world.sft_pairs(0, 50) != world.sft_pairs(1, 50)

@@ -77,6 +77,7 @@ REVIEW_CONTENT = 0.125  # content of a proper review before its adjectives: with
 ADJECTIVE_NOISE = 0.1  # chance that one adjective of a review has the other polarity
 PRETRAIN_POSITIVE = 0.3  # share of positive adjectives in the pretraining text
 REPEAT_PAIRS = 0.25  # share of preference pairs that contrast a distinct review with its one-repeat imitation
+VERDICT_PAIRS = 0.15  # share that contrast a better review with a worse one followed by a glowing second sentence
 
 _SALAD = POSITIVE + NEGATIVE + NOUNS + PLACES + NUMBERS + "the was and of in".split() + " ".join(FILLERS).split()
 _SALAD = [w for w in _SALAD if "{" not in w]
@@ -223,11 +224,12 @@ def sft_pairs(seed: int, n: int) -> list[dict]:
 
 
 def preference_pairs(seed: int, n: int, label_noise: float = 0.1, salt: int = 3) -> list[dict]:
-    """Two answers to one prompt, ranked by the gold scorer, ``label_noise`` of the labels flipped. Three pairs in
-    four are two independent candidates (``candidate_response``); one in four is a *repeat pair*: a positive review
-    of 2-3 distinct adjectives against the same review with one adjective said twice in place of another (same
-    length, same words but one), so repeats are learned as worse than the distinct review they imitate, and never
-    as better than an unrelated answer.
+    """Two answers to one prompt, ranked by the gold scorer, ``label_noise`` of the labels flipped. Most pairs are two
+    independent candidates (``candidate_response``); ``REPEAT_PAIRS`` are *repeat pairs*: a positive review of 2-3
+    distinct adjectives against the same review with one adjective said twice in place of another (same length, same
+    words but one), so repeats are learned as worse than the distinct review they imitate, and never as better than
+    an unrelated answer; ``VERDICT_PAIRS`` are *verdict pairs* (``verdict_pair``): praise in a second sentence is
+    worth less than a good adjective.
 
     Each row also carries ``gold_chosen_is_better`` (the noiseless label) so evaluations can use the truth.
     """
@@ -237,12 +239,15 @@ def preference_pairs(seed: int, n: int, label_noise: float = 0.1, salt: int = 3)
     while len(rows) < n:
         noun, place = rng.choice(train)
         prompt = make_prompt(noun, place)
-        if rng.random() < REPEAT_PAIRS:
+        kind = rng.random()
+        if kind < REPEAT_PAIRS:
             said = sorted(rng.sample(POSITIVE, rng.randint(2, 3)), key=ADJECTIVE_ORDER.__getitem__)
             repeated = list(said)
             i = rng.randrange(len(said) - 1)
             repeated[i + 1] = said[i]  # one adjective said twice in place of the next (the order kept)
             a, b = (f" the {noun} was " + " and ".join(words) + " ." for words in (said, repeated))
+        elif kind < REPEAT_PAIRS + VERDICT_PAIRS:
+            a, b = verdict_pair(rng, noun, place)
         else:
             a, b = (" " + candidate_response(rng, noun, place) for _ in range(2))
         ga, gb = gold_score(prompt, a).reward, gold_score(prompt, b).reward
@@ -254,6 +259,19 @@ def preference_pairs(seed: int, n: int, label_noise: float = 0.1, salt: int = 3)
             chosen, rejected = rejected, chosen
         rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "gold_chosen_is_better": not flipped})
     return rows
+
+
+def verdict_pair(rng: random.Random, noun: str, place: str) -> tuple[str, str]:
+    """(better, worse): a review against a worse one whose second sentence praises (``VERDICT_FILLERS[True]``): two good
+    adjectives against one and the praise, or one good adjective against a bad one and the praise. The gold scorer
+    reads the first sentence only; without these pairs a reward model learns the praise as sentiment (the praise
+    follows good reviews) and a policy learns to add it instead of a second good adjective (`alignment bench toy`,
+    world 1: ``the bike was splendid . what a day .``)."""
+    praise = rng.choice(VERDICT_FILLERS[True]).format(place=place)
+    first, second = sorted(rng.sample(POSITIVE, 2), key=ADJECTIVE_ORDER.__getitem__)
+    if rng.random() < 0.5:
+        return f" the {noun} was {first} and {second} .", f" the {noun} was {first} . {praise} ."
+    return f" the {noun} was {first} .", f" the {noun} was {rng.choice(NEGATIVE)} . {praise} ."
 
 
 def candidate_response(rng: random.Random, noun: str, place: str = "paris") -> str:
