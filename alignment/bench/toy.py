@@ -28,7 +28,7 @@ CONTINUES = {"grpo": ("sft_grpo", "sft_rm_ppo"), "rloo": ("sft_rm_rloo", "sft_rm
              "orpo": ("sft_orpo", "sft_dpo")}  # kind: (its config, the run whose earlier stages it reuses)
 REPO = Path(__file__).resolve().parents[2]
 CONTINUAL = ("seq", "ewc", "fusion")
-COLUMNS = ["world", "seed", "threads", "build_s", "attempts", "noun_copy", "base_gold", "sft_gold", "rm_eval_accuracy", "ppo_gold",
+COLUMNS = ["world", "seed", "threads", "build_s", "attempts", "noun_copy", "base_gold", "sft_gold", "rm_eval_accuracy", "rm_length_baseline", "ppo_gold",
            "grpo_gold", "rloo_gold", "dpo_gold", "kto_gold", "orpo_gold", "seq_bwt", "ewc_bwt", "fusion_bwt", "seq_final", "ewc_final", "fusion_final", "seconds"]
 
 
@@ -50,6 +50,7 @@ def world_row(world: int, seed: int, threads: int, runs: list[str], out: Path) -
         row["sft_gold"] = _metric(summary, 0, "gold_reward")
         if last >= 1:
             row["rm_eval_accuracy"] = _metric(summary, 1, "eval_accuracy")
+            row["rm_length_baseline"] = _metric(summary, 1, "length_baseline_accuracy")
         if last >= 2:
             row["ppo_gold"] = _metric(summary, 2, "gold_reward")
     if {"dpo", "kto", "orpo"} & set(runs):
