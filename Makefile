@@ -45,7 +45,7 @@ quickstart: install
 	$(BIN)/alignment quickstart
 
 test: install
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=25 $(PYTEST_ARGS) tests
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25 $(PYTEST_ARGS) tests
 
 # Re-pin constraints-cpu.txt from the current .venv (after upgrading something on purpose).
 lock: install

@@ -20,18 +20,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(_worker % (os.cpu_count() or 1)))
 
 
-# Test files that share a session fixture too costly to build twice run on one xdist worker (`make test` runs
-# `--dist loadgroup`; every other file is its own group, as with `--dist loadfile`): ppo_run is the shipped SFT -> RM
-# -> PPO chain (minutes), used by both files below.
-SHARED_GROUPS = {"test_ppo.py": "ppo_run", "test_more_objectives.py": "ppo_run"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(name, name)))
-
-
 @pytest.fixture(scope="session")
 def toy_dir() -> Path:
     from alignment.toy.build import ensure_toy
