@@ -54,8 +54,9 @@ def test_normalisation_running_and_fixed():
 
 
 def test_composite_and_toy_gold():
-    gold = ToyGoldReward().score(["review of the soup in paris :"], [" the soup was good and fresh ."])
-    assert gold.tolist() == pytest.approx([0.76667], abs=1e-5)  # 0.8 * (0.125 review + 0.875 * 2/3) + 0.2 format
+    gold = ToyGoldReward().score(["review of the soup in paris :"] * 2, [" the soup was good .", " the soup was bad ."])
+    assert gold.tolist() == pytest.approx([0.65, 0.3], abs=1e-5)  # 0.8 * (0.125 review + 0.875 * 1/2) + 0.2 format;
+    # a negative review: 0.8 * 0.125 + 0.2
     both = Composite([(1.0, RuleReward("tests.test_preference_math:length_reward")), (2.0, ToyGoldReward())])
     assert both.score(["review of the soup in paris :"] * 2, [" the soup was good .", " the soup was bad ."]).shape == (2,)
 
