@@ -1,4 +1,4 @@
-from alignment.cli import main
+from alignment.app.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

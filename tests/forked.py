@@ -25,7 +25,7 @@ def run_forked(argv: list[str], log: Path, env: dict | None = None, fsize_limit:
 def _child(argv, log, env, fsize_limit):
     import resource
 
-    from alignment.cli import main
+    from alignment.app.cli import main
 
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 2)

@@ -56,7 +56,7 @@ def test_validate_cli_names_all_mistakes_exit_2_without_loading_a_model(tmp_path
     )
     # a fresh interpreter: prove no model (not even torch) was loaded
     code = (
-        "import sys; from alignment.cli import main; rc = main(['validate', %r]); "
+        "import sys; from alignment.app.cli import main; rc = main(['validate', %r]); "
         "assert 'torch' not in sys.modules, 'validate imported torch'; sys.exit(rc)" % str(bad)
     )
     import subprocess
@@ -127,7 +127,7 @@ def test_every_shipped_pipeline_config_validates(path):
 
 
 def test_quickstart_config_validates():
-    from alignment.cli import QUICKSTART
+    from alignment.app.cli import QUICKSTART
 
     cfg, _ = load_config(QUICKSTART)
     assert cfg.name == "quickstart" and cfg.model == "toy"
@@ -148,7 +148,7 @@ def test_unused_reward_stage_warns():
 
 
 def test_quickstart_runs_the_sft_rm_ppo_chain():
-    from alignment.cli import QUICKSTART
+    from alignment.app.cli import QUICKSTART
 
     quick, _ = load_config(QUICKSTART)
     chain, _ = load_config(REPO / "configs" / "sft_rm_ppo.yaml")

@@ -1,7 +1,7 @@
 """The bad-input catalogue (docs/errors.md): every case ends as one `error: ...` line naming the file/field and what to
 do, exit code 2, no traceback, and nothing half-written (no temp files, no DONE, no artifact of the failing stage).
 
-Each case builds its bad input in a temporary folder and runs the real CLI entry point (`alignment.cli.main`, the
+Each case builds its bad input in a temporary folder and runs the real CLI entry point (`alignment.app.cli.main`, the
 function `python -m alignment` calls) in-process; the disk-full case runs it in a subprocess under RLIMIT_FSIZE.
 Most cases fail in validation or at data loading, before any model is loaded.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alignment.cli import main
+from alignment.app.cli import main
 from tests.conftest import REPO
 from tests.forked import run_forked
 

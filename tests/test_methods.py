@@ -228,7 +228,7 @@ def test_bad_method_options_are_rejected_before_any_model_loads():
 
 
 def test_methods_command_prints_the_matrix(toy_dir, capsys):
-    from alignment.cli import main
+    from alignment.app.cli import main
 
     assert main(["methods"]) == 0
     printed = capsys.readouterr().out

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-QUICKSTART = Path(__file__).with_name("quickstart.yaml")
+QUICKSTART = Path(__file__).parents[1] / "quickstart.yaml"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -200,8 +200,6 @@ def _generate(args) -> int:
 
 
 def _eval(args) -> int:
-    # reward_models sits above the core: reach it through an import string, like the stage registry does
-    import importlib
+    from reward_models.evaluate import eval_pairs_command, eval_policy_command  # the app layer may import it
 
-    module = importlib.import_module("reward_models.evaluate")
-    return module.eval_pairs_command(args) if args.what == "pairs" else module.eval_policy_command(args)
+    return eval_pairs_command(args) if args.what == "pairs" else eval_policy_command(args)
